@@ -1,0 +1,633 @@
+//! Command-line interface: `iotunnel server` and the API commands
+//! (`account`, `product`, `device`, `tunnel`). Tables for people, `--json` for scripts.
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::config::{ServerArgs, Settings};
+
+/// iotunnel: secure tunnels to IoT devices that never open a port.
+#[derive(Parser, Debug)]
+#[command(name = "iotunnel", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (control plane, relay, metrics) with embedded defaults.
+    Server(ServerArgs),
+    /// Manage accounts (admin key only).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Manage products.
+    #[command(subcommand)]
+    Product(ProductCmd),
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Manage tunnels.
+    #[command(subcommand)]
+    Tunnel(TunnelCmd),
+}
+
+/// How to reach the API.
+#[derive(Args, Debug, Clone)]
+pub struct ApiOpts {
+    /// Control API base URL.
+    #[arg(
+        long,
+        env = "IOTUNNEL_API",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub api: String,
+    /// API key.
+    #[arg(long, env = "IOTUNNEL_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `iotunnel account ...`
+#[derive(Subcommand, Debug)]
+pub enum AccountCmd {
+    /// Create an account and print its API key (once).
+    Create {
+        /// Account name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+}
+
+/// `iotunnel product ...`
+#[derive(Subcommand, Debug)]
+pub enum ProductCmd {
+    /// Create a product.
+    Create {
+        /// Product name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// List products.
+    List {
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+}
+
+/// `iotunnel device ...`
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// Create a device and print its secret (once).
+    Create {
+        /// Product key.
+        #[arg(long)]
+        product_key: String,
+        /// Device name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// List a product's devices.
+    List {
+        /// Product key.
+        #[arg(long)]
+        product_key: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Delete a device (closes its tunnels).
+    Delete {
+        /// Product key.
+        #[arg(long)]
+        product_key: String,
+        /// Device name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+}
+
+/// `iotunnel tunnel ...`
+#[derive(Subcommand, Debug)]
+pub enum TunnelCmd {
+    /// Create a tunnel to an online device.
+    Create {
+        /// Product key.
+        #[arg(long)]
+        product_key: String,
+        /// Device name.
+        #[arg(long)]
+        device_name: String,
+        /// Custom information sent to the device.
+        #[arg(long)]
+        custom_info: Option<String>,
+        /// Description.
+        #[arg(long)]
+        description: Option<String>,
+        /// A service name (repeatable); default SSH.
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Lifetime in seconds (60 to 86400).
+        #[arg(long)]
+        lifetime_seconds: Option<u32>,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Search tunnels, newest first.
+    List {
+        /// Only this product.
+        #[arg(long)]
+        product_key: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device_name: Option<String>,
+        /// Only this tunnel.
+        #[arg(long)]
+        tunnel_id: Option<String>,
+        /// OPEN or CLOSED.
+        #[arg(long)]
+        state: Option<String>,
+        /// Page size (1 to 100).
+        #[arg(long)]
+        page_size: Option<u32>,
+        /// Page token from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Show a tunnel's details.
+    Describe {
+        /// Tunnel id.
+        id: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Close an OPEN tunnel (disconnects both sides; irreversible).
+    Close {
+        /// Tunnel id.
+        id: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Delete a CLOSED tunnel.
+    Delete {
+        /// Tunnel id.
+        id: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Issue new tokens.
+    Rotate {
+        /// Tunnel id.
+        id: String,
+        /// client, device or all.
+        #[arg(long, default_value = "client")]
+        side: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server(args) => {
+            let settings = Settings::resolve(&args)?;
+            init_server_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("iotunnel-control")
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::server::run(settings))
+        }
+        other => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(api_command(other))
+        }
+    }
+}
+
+fn init_server_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IOTUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// A small client of the control API.
+struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    json: bool,
+}
+
+impl ApiClient {
+    fn new(opts: ApiOpts) -> anyhow::Result<Self> {
+        let key = opts
+            .api_key
+            .context("an API key is required: --api-key or IOTUNNEL_API_KEY")?;
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
+            base: opts.api.trim_end_matches('/').to_string(),
+            key,
+            json: opts.json,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the API at {}", self.base))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let e = &value["error"];
+            match (e["code"].as_str(), e["message"].as_str()) {
+                (Some(code), Some(msg)) => bail!(
+                    "{msg} ({code}, HTTP {}, request {})",
+                    status.as_u16(),
+                    e["request_id"].as_str().unwrap_or("-")
+                ),
+                _ => bail!("HTTP {status}: {value}"),
+            }
+        }
+        Ok(value)
+    }
+
+    /// Prints `value` as JSON, or as a table of `columns` over `rows`.
+    fn print(&self, value: &Value, rows: &[Value], columns: &[(&str, &str)]) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            );
+            return;
+        }
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                columns
+                    .iter()
+                    .map(|(_, ptr)| cell(r.pointer(ptr)))
+                    .collect()
+            })
+            .collect();
+        let widths: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (h, _))| {
+                cells
+                    .iter()
+                    .map(|c| c[i].len())
+                    .chain([h.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |vals: Vec<String>| {
+            let s: Vec<String> = vals
+                .iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect();
+            println!("{}", s.join("  ").trim_end());
+        };
+        line(columns.iter().map(|(h, _)| h.to_string()).collect());
+        cells.into_iter().for_each(line);
+    }
+}
+
+fn cell(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| cell(Some(x)))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+const TUNNEL_COLUMNS: &[(&str, &str)] = &[
+    ("TUNNEL ID", "/tunnel_id"),
+    ("PRODUCT", "/product_key"),
+    ("DEVICE", "/device_name"),
+    ("STATE", "/state"),
+    ("DEVICE CONN", "/device/state"),
+    ("CLIENT CONN", "/client/state"),
+    ("CREATED", "/created_at"),
+];
+
+async fn api_command(cmd: Command) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        Command::Server(_) => unreachable!("handled by run"),
+        Command::Account(AccountCmd::Create { name, api }) => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(Method::POST, "/v1/accounts", Some(json!({ "name": name })))
+                .await?;
+            c.print(
+                &v,
+                std::slice::from_ref(&v),
+                &[
+                    ("ACCOUNT ID", "/account_id"),
+                    ("NAME", "/name"),
+                    ("API KEY (shown once)", "/api_key"),
+                ],
+            );
+        }
+        Command::Product(ProductCmd::Create { name, api }) => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(Method::POST, "/v1/products", Some(json!({ "name": name })))
+                .await?;
+            c.print(
+                &v,
+                std::slice::from_ref(&v),
+                &[
+                    ("PRODUCT KEY", "/product_key"),
+                    ("NAME", "/name"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        Command::Product(ProductCmd::List { api }) => {
+            let c = ApiClient::new(api)?;
+            let v = c.call(Method::GET, "/v1/products", None).await?;
+            let rows = v["products"].as_array().cloned().unwrap_or_default();
+            c.print(
+                &v,
+                &rows,
+                &[
+                    ("PRODUCT KEY", "/product_key"),
+                    ("NAME", "/name"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        Command::Device(DeviceCmd::Create {
+            product_key,
+            name,
+            api,
+        }) => {
+            let c = ApiClient::new(api)?;
+            let path = format!("/v1/products/{}/devices", enc(&product_key));
+            let v = c
+                .call(Method::POST, &path, Some(json!({ "name": name })))
+                .await?;
+            c.print(
+                &v,
+                std::slice::from_ref(&v),
+                &[
+                    ("PRODUCT KEY", "/product_key"),
+                    ("DEVICE", "/device_name"),
+                    ("SECRET (shown once)", "/device_secret"),
+                ],
+            );
+        }
+        Command::Device(DeviceCmd::List { product_key, api }) => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/products/{}/devices", enc(&product_key)),
+                    None,
+                )
+                .await?;
+            let rows = v["devices"].as_array().cloned().unwrap_or_default();
+            c.print(
+                &v,
+                &rows,
+                &[
+                    ("DEVICE", "/device_name"),
+                    ("ONLINE", "/online"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        Command::Device(DeviceCmd::Delete {
+            product_key,
+            name,
+            api,
+        }) => {
+            let c = ApiClient::new(api)?;
+            let path = format!("/v1/products/{}/devices/{}", enc(&product_key), enc(&name));
+            c.call(Method::DELETE, &path, None).await?;
+            if !c.json {
+                println!("device {name} deleted");
+            }
+        }
+        Command::Tunnel(cmd) => tunnel_command(cmd).await?,
+    }
+    Ok(())
+}
+
+async fn tunnel_command(cmd: TunnelCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        TunnelCmd::Create {
+            product_key,
+            device_name,
+            custom_info,
+            description,
+            services,
+            lifetime_seconds,
+            api,
+        } => {
+            let c = ApiClient::new(api)?;
+            let mut body = json!({ "product_key": product_key, "device_name": device_name });
+            if let Some(v) = custom_info {
+                body["custom_info"] = json!(v);
+            }
+            if let Some(v) = description {
+                body["description"] = json!(v);
+            }
+            if !services.is_empty() {
+                body["services"] = json!(services);
+            }
+            if let Some(v) = lifetime_seconds {
+                body["lifetime_seconds"] = json!(v);
+            }
+            let v = c.call(Method::POST, "/v1/tunnels", Some(body)).await?;
+            if c.json {
+                c.print(&v, &[], &[]);
+            } else {
+                for (k, ptr) in [
+                    ("tunnel id", "/tunnel_id"),
+                    ("client token (shown once)", "/client_token"),
+                    ("client url", "/client_url"),
+                    ("client endpoint", "/client_endpoint"),
+                    ("expires at", "/expires_at"),
+                ] {
+                    println!("{k:<26} {}", cell(v.pointer(ptr)));
+                }
+            }
+        }
+        TunnelCmd::List {
+            product_key,
+            device_name,
+            tunnel_id,
+            state,
+            page_size,
+            page_token,
+            api,
+        } => {
+            let c = ApiClient::new(api)?;
+            let mut q = Vec::new();
+            for (k, v) in [
+                ("product_key", product_key),
+                ("device_name", device_name),
+                ("tunnel_id", tunnel_id),
+                ("state", state),
+                ("page_size", page_size.map(|n| n.to_string())),
+                ("page_token", page_token),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", enc(&v)));
+                }
+            }
+            let v = c
+                .call(Method::GET, &format!("/v1/tunnels?{}", q.join("&")), None)
+                .await?;
+            let rows = v["tunnels"].as_array().cloned().unwrap_or_default();
+            c.print(&v, &rows, TUNNEL_COLUMNS);
+            if let (false, Some(next)) = (c.json, v["next_page_token"].as_str()) {
+                println!("more: --page-token {next}");
+            }
+        }
+        TunnelCmd::Describe { id, api } => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(Method::GET, &format!("/v1/tunnels/{}", enc(&id)), None)
+                .await?;
+            if c.json {
+                c.print(&v, &[], &[]);
+            } else {
+                for (k, ptr) in [
+                    ("tunnel id", "/tunnel_id"),
+                    ("product", "/product_key"),
+                    ("device", "/device_name"),
+                    ("state", "/state"),
+                    ("services", "/services"),
+                    ("description", "/description"),
+                    ("custom info", "/custom_info"),
+                    ("created at", "/created_at"),
+                    ("expires at", "/expires_at"),
+                    ("closed at", "/closed_at"),
+                    ("close reason", "/close_reason"),
+                    ("device connection", "/device/state"),
+                    ("device since", "/device/updated_at"),
+                    ("device rtt ms", "/device/rtt_ms"),
+                    ("client connection", "/client/state"),
+                    ("client since", "/client/updated_at"),
+                    ("client rtt ms", "/client/rtt_ms"),
+                ] {
+                    println!("{k:<18} {}", cell(v.pointer(ptr)));
+                }
+            }
+        }
+        TunnelCmd::Close { id, api } => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/tunnels/{}/close", enc(&id)),
+                    None,
+                )
+                .await?;
+            c.print(&v, std::slice::from_ref(&v), TUNNEL_COLUMNS);
+        }
+        TunnelCmd::Delete { id, api } => {
+            let c = ApiClient::new(api)?;
+            c.call(Method::DELETE, &format!("/v1/tunnels/{}", enc(&id)), None)
+                .await?;
+            if !c.json {
+                println!("tunnel {id} deleted");
+            }
+        }
+        TunnelCmd::Rotate { id, side, api } => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/tunnels/{}/rotate", enc(&id)),
+                    Some(json!({ "side": side })),
+                )
+                .await?;
+            c.print(
+                &v,
+                std::slice::from_ref(&v),
+                &[
+                    ("TUNNEL ID", "/tunnel_id"),
+                    ("CLIENT TOKEN", "/client_token"),
+                    ("DEVICE TOKEN", "/device_token"),
+                ],
+            );
+        }
+    }
+    Ok(())
+}

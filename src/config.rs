@@ -1,0 +1,350 @@
+//! Server settings: command-line flags with `IOTUNNEL_*` environment fallbacks, an optional TOML
+//! file (`--config`, unknown keys refused), embedded defaults, validated once at start.
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+/// Default data directory, relative to the working directory (DESIGN.md).
+pub const DEFAULT_DATA_DIR: &str = "./iotunnel-data";
+/// Default control API address (DESIGN.md).
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
+/// Default relay address (DESIGN.md).
+pub const DEFAULT_RELAY_ADDR: &str = "127.0.0.1:8443";
+/// Default Prometheus exporter address (DESIGN.md).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9100";
+/// A tunnel lives 24 h unless told otherwise: the vendors' forced close (PROTOCOLS.md).
+pub const DEFAULT_MAX_LIFETIME_SECONDS: u32 = 86_400;
+/// The shortest lifetime a tunnel may be given (issue: 60 s).
+pub const MIN_LIFETIME_SECONDS: u32 = 60;
+/// Both vendors allow 10 open tunnels per device; ours is configurable.
+pub const DEFAULT_MAX_OPEN_TUNNELS_PER_DEVICE: u32 = 10;
+/// CLOSED tunnels are deleted 30 days after creation, as on the product page.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// The device channel is pinged every 20 s; 3 missed pings (60 s) mark it dead.
+pub const DEFAULT_DEVICE_PING_INTERVAL_MS: u64 = 20_000;
+/// The lifecycle sweeper runs every second, so expiry is late by at most that.
+pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
+
+/// A secret string that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Flags of `iotunnel server`; every one also reads an `IOTUNNEL_*` environment variable.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServerArgs {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, env = "IOTUNNEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the database and TLS material [default: ./iotunnel-data].
+    #[arg(long, env = "IOTUNNEL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Control API address [default: 127.0.0.1:8080].
+    #[arg(long, env = "IOTUNNEL_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Relay (data plane) address [default: 127.0.0.1:8443].
+    #[arg(long, env = "IOTUNNEL_RELAY_ADDR")]
+    pub relay_addr: Option<SocketAddr>,
+    /// Prometheus exporter address [default: 127.0.0.1:9100].
+    #[arg(long, env = "IOTUNNEL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// The relay's public host:port (or wss://host:port) put into tunnel URLs.
+    #[arg(long, env = "IOTUNNEL_PUBLIC_RELAY_URL")]
+    pub public_relay_url: Option<String>,
+    /// Longest tunnel lifetime in seconds [default: 86400].
+    #[arg(long, env = "IOTUNNEL_MAX_LIFETIME_SECONDS")]
+    pub max_lifetime_seconds: Option<u32>,
+    /// Most OPEN tunnels per device [default: 10].
+    #[arg(long, env = "IOTUNNEL_MAX_OPEN_TUNNELS_PER_DEVICE")]
+    pub max_open_tunnels_per_device: Option<u32>,
+    /// Days after creation when a tunnel is deleted [default: 30].
+    #[arg(long, env = "IOTUNNEL_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// Device channel ping interval in milliseconds [default: 20000].
+    #[arg(long, env = "IOTUNNEL_DEVICE_PING_INTERVAL_MS")]
+    pub device_ping_interval_ms: Option<u64>,
+    /// Lifecycle sweep interval in milliseconds [default: 1000].
+    #[arg(long, env = "IOTUNNEL_SWEEP_INTERVAL_MS")]
+    pub sweep_interval_ms: Option<u64>,
+}
+
+/// The `--config` TOML file: the same settings as the flags, all optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`ServerArgs::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`ServerArgs::api_addr`].
+    pub api_addr: Option<SocketAddr>,
+    /// See [`ServerArgs::relay_addr`].
+    pub relay_addr: Option<SocketAddr>,
+    /// See [`ServerArgs::metrics_addr`].
+    pub metrics_addr: Option<SocketAddr>,
+    /// See [`ServerArgs::public_relay_url`].
+    pub public_relay_url: Option<String>,
+    /// See [`ServerArgs::max_lifetime_seconds`].
+    pub max_lifetime_seconds: Option<u32>,
+    /// See [`ServerArgs::max_open_tunnels_per_device`].
+    pub max_open_tunnels_per_device: Option<u32>,
+    /// See [`ServerArgs::retention_days`].
+    pub retention_days: Option<u32>,
+    /// See [`ServerArgs::device_ping_interval_ms`].
+    pub device_ping_interval_ms: Option<u64>,
+    /// See [`ServerArgs::sweep_interval_ms`].
+    pub sweep_interval_ms: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message().trim()))
+    }
+}
+
+/// The relay's public endpoint, as put into tunnel URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicEndpoint {
+    /// Host name or IP address, without brackets.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl PublicEndpoint {
+    /// Parses `host:port`, `wss://host:port` or `ws://host:port` (a trailing `/` is allowed).
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let rest = s
+            .strip_prefix("wss://")
+            .or_else(|| s.strip_prefix("ws://"))
+            .unwrap_or(s)
+            .trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .with_context(|| format!("public relay url {s:?} must be host:port"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("public relay url {s:?} has an invalid port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            bail!("public relay url {s:?} has an invalid host");
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// `host:port`, bracketing IPv6 addresses.
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Validated server settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Database and TLS directory.
+    pub data_dir: PathBuf,
+    /// Control API address.
+    pub api_addr: SocketAddr,
+    /// Relay address.
+    pub relay_addr: SocketAddr,
+    /// Prometheus exporter address.
+    pub metrics_addr: SocketAddr,
+    /// Host and port put into tunnel URLs.
+    pub public_relay: PublicEndpoint,
+    /// Longest tunnel lifetime, seconds; also the default lifetime.
+    pub max_lifetime_seconds: u32,
+    /// Most OPEN tunnels per device.
+    pub max_open_tunnels_per_device: u32,
+    /// Days after creation when a tunnel is deleted.
+    pub retention_days: u32,
+    /// Device channel ping interval, milliseconds.
+    pub device_ping_interval_ms: u64,
+    /// Lifecycle sweep interval, milliseconds.
+    pub sweep_interval_ms: u64,
+    /// Admin API key from `IOTUNNEL_ADMIN_KEY`, if set.
+    pub admin_key: Option<Secret>,
+}
+
+impl Settings {
+    /// Merges flags over the config file over the defaults, and validates the result.
+    pub fn resolve(args: &ServerArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let admin_key = std::env::var("IOTUNNEL_ADMIN_KEY").ok().map(Secret);
+        Self::merge(args, file, admin_key)
+    }
+
+    /// Merges flags over `file` over the defaults, and validates the result.
+    pub fn merge(
+        args: &ServerArgs,
+        file: FileConfig,
+        admin_key: Option<Secret>,
+    ) -> anyhow::Result<Self> {
+        let addr = |flag: Option<SocketAddr>, file: Option<SocketAddr>, default: &str| {
+            flag.or(file)
+                .unwrap_or_else(|| default.parse().expect("default addresses parse"))
+        };
+        let relay_addr = addr(args.relay_addr, file.relay_addr, DEFAULT_RELAY_ADDR);
+        let public_relay = match args.public_relay_url.clone().or(file.public_relay_url) {
+            Some(url) => PublicEndpoint::parse(&url)?,
+            None => PublicEndpoint {
+                host: if relay_addr.ip().is_unspecified() {
+                    "localhost".to_string()
+                } else {
+                    relay_addr.ip().to_string()
+                },
+                port: relay_addr.port(),
+            },
+        };
+        let settings = Self {
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            api_addr: addr(args.api_addr, file.api_addr, DEFAULT_API_ADDR),
+            relay_addr,
+            metrics_addr: addr(args.metrics_addr, file.metrics_addr, DEFAULT_METRICS_ADDR),
+            public_relay,
+            max_lifetime_seconds: args
+                .max_lifetime_seconds
+                .or(file.max_lifetime_seconds)
+                .unwrap_or(DEFAULT_MAX_LIFETIME_SECONDS),
+            max_open_tunnels_per_device: args
+                .max_open_tunnels_per_device
+                .or(file.max_open_tunnels_per_device)
+                .unwrap_or(DEFAULT_MAX_OPEN_TUNNELS_PER_DEVICE),
+            retention_days: args
+                .retention_days
+                .or(file.retention_days)
+                .unwrap_or(DEFAULT_RETENTION_DAYS),
+            device_ping_interval_ms: args
+                .device_ping_interval_ms
+                .or(file.device_ping_interval_ms)
+                .unwrap_or(DEFAULT_DEVICE_PING_INTERVAL_MS),
+            sweep_interval_ms: args
+                .sweep_interval_ms
+                .or(file.sweep_interval_ms)
+                .unwrap_or(DEFAULT_SWEEP_INTERVAL_MS),
+            admin_key,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Settings for tests: defaults, with every address on 127.0.0.1:0.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let args = ServerArgs {
+            data_dir: Some(data_dir),
+            api_addr: Some(any),
+            relay_addr: Some(any),
+            metrics_addr: Some(any),
+            public_relay_url: Some("localhost:8443".into()),
+            ..ServerArgs::default()
+        };
+        Self::merge(&args, FileConfig::default(), None).expect("test settings are valid")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.max_lifetime_seconds < MIN_LIFETIME_SECONDS {
+            bail!("max_lifetime_seconds must be at least {MIN_LIFETIME_SECONDS}");
+        }
+        if self.max_open_tunnels_per_device == 0 {
+            bail!("max_open_tunnels_per_device must be at least 1");
+        }
+        if self.retention_days == 0 {
+            bail!("retention_days must be at least 1");
+        }
+        if self.device_ping_interval_ms < 10 {
+            bail!("device_ping_interval_ms must be at least 10");
+        }
+        if self.sweep_interval_ms < 10 {
+            bail!("sweep_interval_ms must be at least 10");
+        }
+        if let Some(key) = &self.admin_key {
+            if key.0.len() < 16 {
+                bail!("IOTUNNEL_ADMIN_KEY must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/iotunnel.example.toml"
+        ))
+        .unwrap();
+        let file = FileConfig::parse(&text).unwrap();
+        let s = Settings::merge(&ServerArgs::default(), file, None).unwrap();
+        assert_eq!(s.max_open_tunnels_per_device, 10);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = FileConfig::parse("api_adr = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_file_and_validation_runs() {
+        let args = ServerArgs {
+            max_open_tunnels_per_device: Some(3),
+            ..Default::default()
+        };
+        let file =
+            FileConfig::parse("max_open_tunnels_per_device = 5\nretention_days = 7").unwrap();
+        let s = Settings::merge(&args, file, None).unwrap();
+        assert_eq!((s.max_open_tunnels_per_device, s.retention_days), (3, 7));
+        let file = FileConfig::parse("max_lifetime_seconds = 5").unwrap();
+        assert!(Settings::merge(&ServerArgs::default(), file, None).is_err());
+    }
+
+    #[test]
+    fn public_endpoint_forms() {
+        let e = PublicEndpoint::parse("wss://relay.example.com:443/").unwrap();
+        assert_eq!(e.host_port(), "relay.example.com:443");
+        assert_eq!(
+            PublicEndpoint::parse("[::1]:8443").unwrap().host_port(),
+            "[::1]:8443"
+        );
+        assert!(PublicEndpoint::parse("nohost").is_err());
+        assert!(PublicEndpoint::parse("h:99999").is_err());
+    }
+
+    #[test]
+    fn secrets_hide_from_debug() {
+        assert!(!format!("{:?}", Secret("hunter2".into())).contains("hunter2"));
+    }
+}

@@ -1,0 +1,275 @@
+//! The device channel: one WebSocket per device at `GET /v1/device/connect` on the API port.
+//!
+//! Authentication (the secret never travels): headers `x-iotunnel-product-key`,
+//! `x-iotunnel-device-name`, `x-iotunnel-timestamp` (unix seconds, within
+//! [`TIMESTAMP_WINDOW_SECS`] of the server's clock) and `x-iotunnel-signature`, the lowercase hex
+//! HMAC-SHA256 of `{product_key}\n{device_name}\n{timestamp}` keyed by the device secret.
+//!
+//! Flow: while the channel is up the device is online. On every (re)connect the server first
+//! sends a `connect` message for each OPEN tunnel of the device, then live `connect`/`close`
+//! messages (one JSON object per text message). A newer channel of the same device replaces the
+//! older one, which is closed with code [`CLOSE_REPLACED`]. The server pings every interval; a
+//! channel silent for [`MISSED_PINGS`] intervals is dropped as dead.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::ControlPlane;
+use crate::token;
+
+/// Accepted clock skew between device and server, seconds (DESIGN.md: ±300 s).
+pub const TIMESTAMP_WINDOW_SECS: i64 = 300;
+/// Pings a channel may miss before it is dropped: 3 × 20 s = the 60 s detection bound.
+pub const MISSED_PINGS: u32 = 3;
+/// Close code sent to a channel replaced by a newer one (private-use range 4000-4999).
+pub const CLOSE_REPLACED: u16 = 4000;
+/// Close code sent to a channel whose device was deleted.
+pub const CLOSE_DEVICE_DELETED: u16 = 4001;
+
+/// A message for a connected channel.
+#[derive(Debug, Clone)]
+pub enum ChannelMsg {
+    /// A JSON notification.
+    Text(String),
+    /// A newer channel of the device took over.
+    Replaced,
+    /// The device was deleted.
+    DeviceDeleted,
+}
+
+#[derive(Debug)]
+struct ChannelHandle {
+    id: u64,
+    tx: mpsc::UnboundedSender<ChannelMsg>,
+}
+
+type DeviceKey = (String, String);
+
+/// The connected device channels, by (product key, device name).
+#[derive(Debug, Default)]
+pub struct DeviceChannels {
+    map: DashMap<DeviceKey, ChannelHandle>,
+    next_id: AtomicU64,
+}
+
+impl DeviceChannels {
+    /// Whether the device has a channel up.
+    pub fn is_online(&self, product_key: &str, device_name: &str) -> bool {
+        self.map
+            .contains_key(&(product_key.to_string(), device_name.to_string()))
+    }
+
+    /// The number of connected channels.
+    pub fn connected(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Queues a message for the device's channel, if it is up.
+    pub fn send(&self, product_key: &str, device_name: &str, msg: ChannelMsg) {
+        if let Some(h) = self
+            .map
+            .get(&(product_key.to_string(), device_name.to_string()))
+        {
+            let _ = h.tx.send(msg);
+        }
+    }
+
+    /// Ends every channel (server shutdown).
+    pub fn close_all(&self) {
+        self.map.clear();
+    }
+
+    fn register(&self, key: DeviceKey) -> (u64, mpsc::UnboundedReceiver<ChannelMsg>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(old) = self.map.insert(key, ChannelHandle { id, tx }) {
+            let _ = old.tx.send(ChannelMsg::Replaced);
+        }
+        (id, rx)
+    }
+
+    fn unregister(&self, key: &DeviceKey, id: u64) {
+        self.map.remove_if(key, |_, h| h.id == id);
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_header",
+                format!("header {name} is required"),
+            )
+        })
+}
+
+/// Upgrades an authenticated device to its channel.
+#[utoipa::path(get, path = "/v1/device/connect", tag = "device",
+    params(
+        ("x-iotunnel-product-key" = String, Header, description = "product key"),
+        ("x-iotunnel-device-name" = String, Header, description = "device name"),
+        ("x-iotunnel-timestamp" = String, Header, description = "unix seconds"),
+        ("x-iotunnel-signature" = String, Header, description = "hex HMAC-SHA256(secret, pk\\ndn\\nts)"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket channel of JSON notifications"),
+        (status = 400, body = super::error::ErrorEnvelope), (status = 401, body = super::error::ErrorEnvelope),
+        (status = 426, body = super::error::ErrorEnvelope),
+    ))]
+pub async fn connect(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let product_key = header(&headers, "x-iotunnel-product-key")?.to_string();
+    let device_name = header(&headers, "x-iotunnel-device-name")?.to_string();
+    let ts_text = header(&headers, "x-iotunnel-timestamp")?;
+    let signature = header(&headers, "x-iotunnel-signature")?;
+    let ts: i64 = ts_text.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_timestamp",
+            "x-iotunnel-timestamp must be unix seconds",
+        )
+    })?;
+    let now_s = cp.clock.now_ms() / 1000;
+    if (now_s - ts).abs() > TIMESTAMP_WINDOW_SECS {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "stale_timestamp",
+            format!("timestamp is more than {TIMESTAMP_WINDOW_SECS} s from the server's clock"),
+        ));
+    }
+    let bad_signature = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+            "unknown device or invalid signature",
+        )
+    };
+    let device = cp
+        .store
+        .get_device(product_key.clone(), device_name.clone())
+        .await?
+        .ok_or_else(bad_signature)?;
+    let expected = token::hmac_sha256(
+        device.secret.as_bytes(),
+        format!("{product_key}\n{device_name}\n{ts_text}").as_bytes(),
+    );
+    let presented = hex::decode(signature)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok());
+    if !presented.is_some_and(|p| token::hashes_equal(&p, &expected)) {
+        tracing::info!(%product_key, %device_name, "device channel refused: bad signature");
+        return Err(bad_signature());
+    }
+    let ws = ws.map_err(|_| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "the device channel is a WebSocket upgrade",
+        )
+    })?;
+    Ok(ws.on_upgrade(move |socket| serve_channel(cp, socket, (product_key, device_name))))
+}
+
+async fn serve_channel(cp: Arc<ControlPlane>, mut socket: WebSocket, key: DeviceKey) {
+    let (id, mut rx) = cp.channels.register(key.clone());
+    tracing::info!(product_key = %key.0, device_name = %key.1, "device channel connected");
+    let reason = run_channel(&cp, &mut socket, &key, &mut rx).await;
+    cp.channels.unregister(&key, id);
+    tracing::info!(product_key = %key.0, device_name = %key.1, reason, "device channel disconnected");
+}
+
+async fn run_channel(
+    cp: &ControlPlane,
+    socket: &mut WebSocket,
+    key: &DeviceKey,
+    rx: &mut mpsc::UnboundedReceiver<ChannelMsg>,
+) -> &'static str {
+    // Replay after registering, so that a tunnel created meanwhile is sent at least once.
+    match cp
+        .store
+        .open_tunnels_of_device(key.0.clone(), key.1.clone())
+        .await
+    {
+        Ok(open) => {
+            for t in &open {
+                if socket
+                    .send(Message::Text(cp.connect_notification(t).into()))
+                    .await
+                    .is_err()
+                {
+                    return "send_failed";
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot replay open tunnels");
+            let _ = close(socket, 1011, "store unavailable").await;
+            return "store_unavailable";
+        }
+    }
+    let interval = Duration::from_millis(cp.settings.device_ping_interval_ms);
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(ChannelMsg::Text(text)) => {
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return "send_failed";
+                    }
+                }
+                Some(ChannelMsg::Replaced) => {
+                    let _ = close(socket, CLOSE_REPLACED, "replaced by a newer channel").await;
+                    return "replaced";
+                }
+                Some(ChannelMsg::DeviceDeleted) => {
+                    let _ = close(socket, CLOSE_DEVICE_DELETED, "device deleted").await;
+                    return "device_deleted";
+                }
+                None => {
+                    let _ = close(socket, 1001, "server shutting down").await;
+                    return "shutdown";
+                }
+            },
+            _ = ticker.tick() => {
+                if last_heard.elapsed() >= interval * MISSED_PINGS {
+                    let _ = close(socket, 1001, "ping timeout").await;
+                    return "ping_timeout";
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return "send_failed";
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None => return "closed_by_device",
+                Some(Ok(_)) => last_heard = Instant::now(),
+                Some(Err(_)) => return "protocol_error",
+            },
+        }
+    }
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) -> Result<(), axum::Error> {
+    socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await
+}

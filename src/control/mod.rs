@@ -1,0 +1,337 @@
+//! The control plane: the HTTP API, the device channel and the lifecycle sweeper, around the
+//! store. Every change to a tunnel goes through [`ControlPlane`], which keeps the store, the
+//! tunnel index, the data plane and the device in step.
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use dashmap::DashMap;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::clock::{rfc3339, Clock};
+use crate::config::Settings;
+use crate::seam::{CloseReason, RelayCommand, Side, TunnelIndex};
+use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
+use crate::token::{self, SecretHash};
+
+pub mod api;
+pub mod device_channel;
+pub mod error;
+pub mod lifecycle;
+pub mod views;
+
+use device_channel::{ChannelMsg, DeviceChannels};
+use error::ApiError;
+
+/// What a tunnel create asks for, validated.
+#[derive(Debug, Clone)]
+pub struct TunnelSpec {
+    /// The device's product.
+    pub product_key: String,
+    /// The device.
+    pub device_name: String,
+    /// Sent to the device.
+    pub custom_info: Option<String>,
+    /// For the operator.
+    pub description: Option<String>,
+    /// Services carried.
+    pub services: Vec<String>,
+    /// Lifetime in seconds.
+    pub lifetime_seconds: u32,
+}
+
+/// A created tunnel and its client token (returned once, never stored).
+#[derive(Debug)]
+pub struct CreatedTunnel {
+    /// The stored tunnel.
+    pub tunnel: Tunnel,
+    /// The client token in clear.
+    pub client_token: String,
+}
+
+/// Shared state of the control plane.
+pub struct ControlPlane {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Validated settings.
+    pub settings: Settings,
+    /// The token index shared with the data plane.
+    pub index: Arc<TunnelIndex>,
+    /// Connected device channels.
+    pub channels: DeviceChannels,
+    relay: mpsc::UnboundedSender<RelayCommand>,
+    /// Key from which device tokens are derived; never leaves the process.
+    token_key: [u8; 32],
+    /// API key hash -> account, filled on first use (keys are never revoked).
+    accounts_by_key: DashMap<SecretHash, Account>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane").finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Assembles the control plane.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+        index: Arc<TunnelIndex>,
+        relay: mpsc::UnboundedSender<RelayCommand>,
+        token_key: [u8; 32],
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            settings,
+            index,
+            channels: DeviceChannels::default(),
+            relay,
+            token_key,
+            accounts_by_key: DashMap::new(),
+        }
+    }
+
+    /// The account an API key belongs to.
+    pub async fn authenticate(&self, api_key: &str) -> Result<Account, ApiError> {
+        let hash = token::hash_secret(api_key);
+        if let Some(a) = self.accounts_by_key.get(&hash) {
+            return Ok(a.clone());
+        }
+        match self.store.account_by_key(hash).await? {
+            Some(a) => {
+                self.accounts_by_key.insert(hash, a.clone());
+                Ok(a)
+            }
+            None => Err(ApiError::unauthorized("invalid API key")),
+        }
+    }
+
+    /// The relay URL a side dials for a tunnel (Alibaba-style path; AWS-family peers use the
+    /// endpoint with `/tunnel?local-proxy-mode=`).
+    pub fn side_url(&self, tunnel_id: &str, side: Side) -> String {
+        let path = match side {
+            Side::Client => "source",
+            Side::Device => "device",
+        };
+        format!("wss://{}/tunnel/{tunnel_id}/{path}", self.relay_endpoint())
+    }
+
+    /// The relay's public `host:port`.
+    pub fn relay_endpoint(&self) -> String {
+        self.settings.public_relay.host_port()
+    }
+
+    /// The device token of a tunnel, derived again from its seed.
+    fn device_token(&self, t: &Tunnel) -> String {
+        token::derive_device_token(&self.token_key, &t.id, &t.device_token_seed)
+    }
+
+    /// The `connect` notification for a tunnel, as sent on the device channel.
+    pub fn connect_notification(&self, t: &Tunnel) -> String {
+        json!({
+            "operation": "connect",
+            "tunnel_id": t.id,
+            "token": self.device_token(t),
+            "url": self.side_url(&t.id, Side::Device),
+            "endpoint": self.relay_endpoint(),
+            "custom_info": t.custom_info,
+            "services": t.services,
+            "expires_at": rfc3339(t.expires_at),
+        })
+        .to_string()
+    }
+
+    fn close_notification(tunnel_id: &str, reason: CloseReason) -> String {
+        json!({"operation": "close", "tunnel_id": tunnel_id, "reason": reason.as_str()}).to_string()
+    }
+
+    /// Creates a tunnel for an online device of the caller's account and notifies the device.
+    pub async fn create_tunnel(
+        &self,
+        account: &Account,
+        spec: TunnelSpec,
+    ) -> Result<CreatedTunnel, ApiError> {
+        let device = self
+            .store
+            .get_device(spec.product_key.clone(), spec.device_name.clone())
+            .await?
+            .filter(|d| d.account_id == account.id)
+            .ok_or_else(|| ApiError::not_found("device"))?;
+        if !self.channels.is_online(&device.product_key, &device.name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "device_offline",
+                "the device is offline: it must be connected on the device channel",
+            ));
+        }
+        let now = self.clock.now_ms();
+        let client_token = token::random_secret();
+        let seed = token::random_bytes::<32>();
+        let id = token::new_tunnel_id();
+        let device_token = token::derive_device_token(&self.token_key, &id, &seed);
+        let tunnel = self
+            .store
+            .create_tunnel(NewTunnel {
+                id,
+                account_id: account.id.clone(),
+                product_key: spec.product_key,
+                device_name: spec.device_name,
+                custom_info: spec.custom_info,
+                description: spec.description,
+                services: spec.services,
+                created_at: now,
+                expires_at: now + i64::from(spec.lifetime_seconds) * 1000,
+                client_token_hash: token::hash_secret(&client_token),
+                device_token_hash: token::hash_secret(&device_token),
+                device_token_seed: seed,
+                max_open_per_device: self.settings.max_open_tunnels_per_device,
+            })
+            .await
+            .map_err(|e| ApiError::from_store(e, "device"))?;
+        self.index_tunnel(&tunnel);
+        self.channels.send(
+            &tunnel.product_key,
+            &tunnel.device_name,
+            ChannelMsg::Text(self.connect_notification(&tunnel)),
+        );
+        tracing::info!(tunnel_id = %tunnel.id, product_key = %tunnel.product_key,
+            device_name = %tunnel.device_name, "tunnel created");
+        Ok(CreatedTunnel {
+            tunnel,
+            client_token,
+        })
+    }
+
+    /// Puts an OPEN tunnel's tokens into the index.
+    pub fn index_tunnel(&self, t: &Tunnel) {
+        self.index.insert(
+            &t.id,
+            &t.services,
+            t.expires_at,
+            t.client_token_hash,
+            t.device_token_hash,
+        );
+    }
+
+    /// Closes an OPEN tunnel of the account.
+    pub async fn close_tunnel(
+        &self,
+        account_id: &str,
+        tunnel_id: &str,
+    ) -> Result<Tunnel, ApiError> {
+        let t = self
+            .store
+            .close_tunnel(
+                account_id.into(),
+                tunnel_id.into(),
+                CloseReason::Closed,
+                self.clock.now_ms(),
+            )
+            .await
+            .map_err(|e| ApiError::from_store(e, "tunnel"))?;
+        self.after_close(&t, CloseReason::Closed);
+        Ok(t)
+    }
+
+    /// Tells the index, the data plane and the device that a tunnel closed.
+    pub fn after_close(&self, t: &Tunnel, reason: CloseReason) {
+        self.index.remove(&t.id);
+        let _ = self.relay.send(RelayCommand::CloseTunnel {
+            tunnel_id: t.id.clone(),
+            reason,
+        });
+        self.channels.send(
+            &t.product_key,
+            &t.device_name,
+            ChannelMsg::Text(Self::close_notification(&t.id, reason)),
+        );
+        tracing::info!(tunnel_id = %t.id, reason = reason.as_str(), "tunnel closed");
+    }
+
+    /// Deletes a CLOSED tunnel of the account.
+    pub async fn delete_tunnel(&self, account_id: &str, tunnel_id: &str) -> Result<(), ApiError> {
+        self.store
+            .delete_tunnel(account_id.into(), tunnel_id.into())
+            .await
+            .map_err(|e| ApiError::from_store(e, "tunnel"))?;
+        tracing::info!(%tunnel_id, "tunnel deleted");
+        Ok(())
+    }
+
+    /// Issues new tokens for `sides` of an OPEN tunnel, disconnecting the rotated sides and
+    /// notifying the device of its new token. Returns the new tokens in clear.
+    pub async fn rotate(
+        &self,
+        account_id: &str,
+        tunnel_id: &str,
+        sides: &[Side],
+    ) -> Result<(Option<String>, Option<String>), ApiError> {
+        let client_token = sides.contains(&Side::Client).then(token::random_secret);
+        let seed = sides
+            .contains(&Side::Device)
+            .then(token::random_bytes::<32>);
+        let device_token = seed.map(|s| token::derive_device_token(&self.token_key, tunnel_id, &s));
+        let rotation = Rotation {
+            client_token_hash: client_token.as_deref().map(token::hash_secret),
+            device_token: device_token.as_deref().map(token::hash_secret).zip(seed),
+        };
+        let t = self
+            .store
+            .rotate_tokens(account_id.into(), tunnel_id.into(), rotation)
+            .await
+            .map_err(|e| ApiError::from_store(e, "tunnel"))?;
+        for &side in sides {
+            let hash = match side {
+                Side::Client => t.client_token_hash,
+                Side::Device => t.device_token_hash,
+            };
+            if !self.index.rotate(&t.id, side, hash) {
+                self.index_tunnel(&t);
+            }
+            let _ = self.relay.send(RelayCommand::DisconnectSide {
+                tunnel_id: t.id.clone(),
+                side,
+            });
+        }
+        if device_token.is_some() {
+            self.channels.send(
+                &t.product_key,
+                &t.device_name,
+                ChannelMsg::Text(self.connect_notification(&t)),
+            );
+        }
+        tracing::info!(%tunnel_id, sides = ?sides, "tunnel tokens rotated");
+        Ok((client_token, device_token))
+    }
+
+    /// Deletes a device of the account, closing its tunnels and its channel.
+    pub async fn delete_device(
+        &self,
+        account_id: &str,
+        product_key: &str,
+        device_name: &str,
+    ) -> Result<(), ApiError> {
+        let closed = self
+            .store
+            .delete_device(
+                account_id.into(),
+                product_key.into(),
+                device_name.into(),
+                self.clock.now_ms(),
+            )
+            .await
+            .map_err(|e| ApiError::from_store(e, "device"))?;
+        for t in &closed {
+            self.after_close(t, CloseReason::DeviceDeleted);
+        }
+        self.channels
+            .send(product_key, device_name, ChannelMsg::DeviceDeleted);
+        tracing::info!(%product_key, %device_name, tunnels_closed = closed.len(), "device deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,324 @@
+//! The seam between the control plane and the data plane.
+//!
+//! The relay never touches the store. What it needs from the control plane is here:
+//! - [`TunnelIndex`]: token hash -> (tunnel id, side, family lock, owner shard, services). The
+//!   control plane keeps it current on create, close, rotate and delete, and rebuilds it from the
+//!   store at start. A relay shard that accepts a connection hashes the presented token and looks
+//!   it up here, then hands the socket to the owner shard.
+//! - [`RelayCommand`]s flow from the control plane to the data plane (close a tunnel, drop a side
+//!   whose token was rotated). The relay routes each to the tunnel's owner shard.
+//! - [`ConnectionEvent`]s flow back (connected, disconnected with a reason, ping RTT). The control
+//!   plane persists them in batches, so describe shows CONNECTED/DISCONNECTED with times.
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::clock::Millis;
+use crate::token::SecretHash;
+
+/// One end of a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The device end (AWS "destination").
+    Device,
+    /// The person's end (AWS "source").
+    Client,
+}
+
+impl Side {
+    /// The lowercase name used in columns, labels and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Device => "device",
+            Side::Client => "client",
+        }
+    }
+}
+
+/// Which vendor protocol family a tunnel's peers speak; the first peer to connect decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Family {
+    /// AWS IoT Secure Tunneling, V1-V3.
+    Aws = 1,
+    /// Alibaba `aliyun.iot.securetunnel-v1.1`.
+    Aliyun = 2,
+}
+
+/// The family lock shared by both sides of a tunnel: unset until the first peer connects.
+#[derive(Debug, Default)]
+pub struct FamilyLock(AtomicU8);
+
+impl FamilyLock {
+    /// Locks the tunnel to `family`, or returns the family it is already locked to if different.
+    pub fn lock(&self, family: Family) -> Result<(), Family> {
+        match self
+            .0
+            .compare_exchange(0, family as u8, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Ok(()),
+            Err(v) if v == family as u8 => Ok(()),
+            Err(v) if v == Family::Aws as u8 => Err(Family::Aws),
+            Err(_) => Err(Family::Aliyun),
+        }
+    }
+
+    /// The family the tunnel is locked to, if any.
+    pub fn get(&self) -> Option<Family> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(Family::Aws),
+            2 => Some(Family::Aliyun),
+            _ => None,
+        }
+    }
+}
+
+/// What the index knows of one tunnel.
+#[derive(Debug)]
+pub struct IndexedTunnel {
+    /// The tunnel id.
+    pub tunnel_id: Arc<str>,
+    /// The services the tunnel carries (AWS SERVICE_IDS, Alibaba service_type).
+    pub services: Arc<[String]>,
+    /// When the tunnel expires, ms since the epoch.
+    pub expires_at: Millis,
+    /// The shard that owns the tunnel.
+    pub owner_shard: usize,
+    /// The family both sides must speak.
+    pub family: FamilyLock,
+}
+
+/// A successful token lookup.
+#[derive(Debug, Clone)]
+pub struct TokenMatch {
+    /// The tunnel the token opens.
+    pub tunnel: Arc<IndexedTunnel>,
+    /// The side the token belongs to.
+    pub side: Side,
+}
+
+/// In-memory index of the OPEN tunnels' tokens, shared by the control plane and every shard.
+#[derive(Debug)]
+pub struct TunnelIndex {
+    shards: usize,
+    by_token: DashMap<SecretHash, TokenMatch>,
+    by_tunnel: DashMap<Arc<str>, [SecretHash; 2]>,
+}
+
+impl TunnelIndex {
+    /// An empty index for a data plane of `shards` shards (at least one).
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards: shards.max(1),
+            by_token: DashMap::new(),
+            by_tunnel: DashMap::new(),
+        }
+    }
+
+    /// The shard that owns `tunnel_id`: a stable hash of the id modulo the shard count.
+    pub fn owner_shard(&self, tunnel_id: &str) -> usize {
+        // FNV-1a: stable across processes and releases, unlike std's RandomState.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in tunnel_id.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % self.shards as u64) as usize
+    }
+
+    /// Adds (or replaces) an OPEN tunnel with its two token hashes.
+    pub fn insert(
+        &self,
+        tunnel_id: &str,
+        services: &[String],
+        expires_at: Millis,
+        client_hash: SecretHash,
+        device_hash: SecretHash,
+    ) {
+        self.remove(tunnel_id);
+        let tunnel = Arc::new(IndexedTunnel {
+            tunnel_id: Arc::from(tunnel_id),
+            services: services.to_vec().into(),
+            expires_at,
+            owner_shard: self.owner_shard(tunnel_id),
+            family: FamilyLock::default(),
+        });
+        for (hash, side) in [(client_hash, Side::Client), (device_hash, Side::Device)] {
+            self.by_token.insert(
+                hash,
+                TokenMatch {
+                    tunnel: tunnel.clone(),
+                    side,
+                },
+            );
+        }
+        self.by_tunnel
+            .insert(tunnel.tunnel_id.clone(), [client_hash, device_hash]);
+    }
+
+    /// Replaces the token of one side of a tunnel (rotate); false when the tunnel is not indexed.
+    pub fn rotate(&self, tunnel_id: &str, side: Side, new_hash: SecretHash) -> bool {
+        let Some(mut hashes) = self.by_tunnel.get_mut(tunnel_id) else {
+            return false;
+        };
+        let slot = match side {
+            Side::Client => 0,
+            Side::Device => 1,
+        };
+        let Some((_, found)) = self.by_token.remove(&hashes[slot]) else {
+            return false;
+        };
+        self.by_token.insert(new_hash, found);
+        hashes[slot] = new_hash;
+        true
+    }
+
+    /// Removes a tunnel (closed or deleted); its tokens stop matching at once.
+    pub fn remove(&self, tunnel_id: &str) {
+        if let Some((_, hashes)) = self.by_tunnel.remove(tunnel_id) {
+            for h in hashes {
+                self.by_token.remove(&h);
+            }
+        }
+    }
+
+    /// Looks up a presented token (hashed by the caller with [`crate::token::hash_secret`]).
+    pub fn lookup(&self, token_hash: &SecretHash) -> Option<TokenMatch> {
+        self.by_token.get(token_hash).map(|m| m.clone())
+    }
+
+    /// The number of indexed tunnels.
+    pub fn len(&self) -> usize {
+        self.by_tunnel.len()
+    }
+
+    /// Whether no tunnel is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.by_tunnel.is_empty()
+    }
+}
+
+/// Why the relay must end connections of a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Closed through the API.
+    Closed,
+    /// Lifetime expired.
+    Expired,
+    /// Its device was deleted.
+    DeviceDeleted,
+}
+
+impl CloseReason {
+    /// The name stored as `close_reason` and sent in notifications.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Closed => "closed",
+            CloseReason::Expired => "expired",
+            CloseReason::DeviceDeleted => "device_deleted",
+        }
+    }
+}
+
+/// A command from the control plane to the data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayCommand {
+    /// End both sides of a tunnel with a close frame (1000 + reason).
+    CloseTunnel {
+        /// The tunnel.
+        tunnel_id: String,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A side's token was rotated: drop that side's connection.
+    DisconnectSide {
+        /// The tunnel.
+        tunnel_id: String,
+        /// The rotated side.
+        side: Side,
+    },
+}
+
+/// What happened to one side's connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectionEventKind {
+    /// The side connected from `addr`.
+    Connected {
+        /// The peer's address.
+        addr: String,
+    },
+    /// The side disconnected.
+    Disconnected {
+        /// Why, as a metric label (closed, expired, replaced, peer_gone, ping_timeout, ...).
+        reason: String,
+    },
+    /// A ping round trip completed.
+    Rtt {
+        /// The last round trip, microseconds.
+        last_us: u64,
+        /// The smoothed round trip, microseconds.
+        smoothed_us: u64,
+    },
+}
+
+/// A connection event from the data plane, persisted by the control plane in batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionEvent {
+    /// The tunnel.
+    pub tunnel_id: String,
+    /// Which side.
+    pub side: Side,
+    /// When, ms since the epoch.
+    pub at: Millis,
+    /// What happened.
+    pub kind: ConnectionEventKind,
+}
+
+/// The control plane's ends of the seam, handed to the data plane at start.
+#[derive(Debug)]
+pub struct DataPlaneSeam {
+    /// The token index, shared.
+    pub index: Arc<TunnelIndex>,
+    /// Commands to execute.
+    pub commands: mpsc::UnboundedReceiver<RelayCommand>,
+    /// Where to send connection events.
+    pub events: mpsc::Sender<ConnectionEvent>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_tracks_create_rotate_remove() {
+        let idx = TunnelIndex::new(4);
+        idx.insert("t1", &["SSH".into()], 0, [1; 32], [2; 32]);
+        assert_eq!(idx.lookup(&[1; 32]).unwrap().side, Side::Client);
+        assert_eq!(idx.lookup(&[2; 32]).unwrap().side, Side::Device);
+        assert!(idx.rotate("t1", Side::Device, [3; 32]));
+        assert!(idx.lookup(&[2; 32]).is_none());
+        assert_eq!(&*idx.lookup(&[3; 32]).unwrap().tunnel.tunnel_id, "t1");
+        idx.remove("t1");
+        assert!(idx.lookup(&[1; 32]).is_none() && idx.lookup(&[3; 32]).is_none());
+        assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn family_lock_is_first_come() {
+        let l = FamilyLock::default();
+        assert_eq!(l.lock(Family::Aliyun), Ok(()));
+        assert_eq!(l.lock(Family::Aliyun), Ok(()));
+        assert_eq!(l.lock(Family::Aws), Err(Family::Aliyun));
+    }
+
+    #[test]
+    fn owner_shard_is_stable_and_in_range() {
+        let idx = TunnelIndex::new(3);
+        let s = idx.owner_shard("abc");
+        assert!(s < 3);
+        assert_eq!(s, idx.owner_shard("abc"));
+    }
+}

@@ -1,0 +1,258 @@
+//! `iotunnel server`: prepares the data dir, the TLS material and the store, rebuilds the tunnel
+//! index, then serves the control API and the metrics until told to shut down.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::control::{api, lifecycle, ControlPlane};
+use crate::seam::{ConnectionEvent, DataPlaneSeam, TunnelIndex};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::{tls, token};
+
+/// Connection events buffered between the data plane and the persister; beyond this the relay
+/// waits, which is what we want from a store that has fallen behind.
+const EVENT_QUEUE: usize = 65_536;
+/// Most connection events persisted in one store call.
+const EVENT_BATCH: usize = 1024;
+
+/// The bound sockets of a server; binding happens before start so tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Control API listener.
+    pub api: TcpListener,
+    /// Prometheus exporter listener.
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the API and metrics addresses of `settings`.
+    pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {what} address {addr}"))
+        };
+        Ok(Self {
+            api: bind(settings.api_addr, "api").await?,
+            metrics: bind(settings.metrics_addr, "metrics").await?,
+        })
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// The control plane, for tests and the data plane.
+    pub control: Arc<ControlPlane>,
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// Where the metrics listen.
+    pub metrics_addr: SocketAddr,
+    /// The admin API key, when this start created it (to print once).
+    pub new_admin_key: Option<String>,
+    /// The data plane's ends of the seam, until the relay takes them.
+    pub seam: Option<DataPlaneSeam>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Creates the data dir and checks it is writable.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("data dir {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// The key device tokens are derived from, created on first start.
+fn load_token_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
+    let path = dir.join("token.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        return bytes.with_context(|| format!("{} is corrupt", path.display()));
+    }
+    let key = token::random_bytes::<32>();
+    tls::write_private(&path, &hex::encode(key))?;
+    Ok(key)
+}
+
+/// Ensures the admin account exists and `IOTUNNEL_ADMIN_KEY` (if set) is one of its keys.
+/// Returns the generated key when this start created the account without one.
+async fn ensure_admin(
+    store: &dyn Store,
+    settings: &Settings,
+    now: i64,
+) -> anyhow::Result<Option<String>> {
+    let given = settings.admin_key.as_ref().map(|k| k.0.clone());
+    match store.admin_account().await? {
+        Some(admin) => {
+            if let Some(key) = &given {
+                store
+                    .add_api_key(admin.id, token::hash_secret(key), now)
+                    .await?;
+            }
+            Ok(None)
+        }
+        None => {
+            let key = given
+                .clone()
+                .unwrap_or_else(|| format!("itk_{}", token::random_secret()));
+            store
+                .create_account(
+                    "acc_admin".into(),
+                    "admin".into(),
+                    true,
+                    token::hash_secret(&key),
+                    now,
+                )
+                .await?;
+            Ok(if given.is_none() { Some(key) } else { None })
+        }
+    }
+}
+
+async fn persist_events(store: Arc<dyn Store>, mut rx: mpsc::Receiver<ConnectionEvent>) {
+    let mut batch = Vec::with_capacity(EVENT_BATCH);
+    while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
+        if let Err(e) = store
+            .apply_connection_events(std::mem::take(&mut batch))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot persist connection events");
+        }
+    }
+}
+
+impl Server {
+    /// Starts a server on already-bound listeners.
+    pub async fn start(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        listeners: Listeners,
+    ) -> anyhow::Result<Self> {
+        prepare_data_dir(&settings.data_dir)?;
+        tls::ensure_material(&settings.data_dir, &settings.public_relay.host)
+            .context("cannot prepare TLS material")?;
+        let token_key = load_token_key(&settings.data_dir)?;
+        let db = settings.data_dir.join("iotunnel.db");
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&db)
+                .with_context(|| format!("cannot open database {}", db.display()))?,
+        );
+        let now = clock.now_ms();
+        let new_admin_key = ensure_admin(store.as_ref(), &settings, now).await?;
+        store.reset_connections(now).await?;
+
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let index = Arc::new(TunnelIndex::new(shards));
+        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let control = Arc::new(ControlPlane::new(
+            store.clone(),
+            clock,
+            settings,
+            index.clone(),
+            relay_tx,
+            token_key,
+        ));
+        for t in store.all_open_tunnels().await? {
+            control.index_tunnel(&t);
+        }
+        tracing::info!(open_tunnels = index.len(), "tunnel index rebuilt");
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let api_addr = listeners.api.local_addr()?;
+        let metrics_addr = listeners.metrics.local_addr()?;
+        let mut tasks = vec![
+            tokio::spawn(persist_events(store, events_rx)),
+            tokio::spawn(lifecycle::run_sweeper(control.clone(), shutdown_rx.clone())),
+        ];
+        let app = api::router(control.clone());
+        let mut stop = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(listeners.api, app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "api server failed");
+            }
+        }));
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            control.clone(),
+            listeners.metrics,
+            shutdown_rx,
+        )));
+        tracing::info!(%api_addr, %metrics_addr, "control plane listening");
+        Ok(Self {
+            control,
+            api_addr,
+            metrics_addr,
+            new_admin_key,
+            seam: Some(DataPlaneSeam {
+                index,
+                commands: relay_rx,
+                events: events_tx,
+            }),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops serving and waits for in-flight requests and background tasks to finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        self.control.channels.close_all();
+        // The persister ends when the last event sender is gone.
+        self.seam.take();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs `iotunnel server` until SIGTERM or Ctrl-C.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&settings).await?;
+    let mut server =
+        Server::start(settings, Arc::new(crate::clock::SystemClock), listeners).await?;
+    if let Some(key) = &server.new_admin_key {
+        println!(
+            "Admin API key (shown only once; set IOTUNNEL_ADMIN_KEY to choose your own): {key}"
+        );
+    }
+    println!("iotunnel API listening on http://{}", server.api_addr);
+    // The relay (data plane) plugs into the seam; until it is built, commands are only logged.
+    if let Some(DataPlaneSeam { mut commands, .. }) = server.seam.take() {
+        tokio::spawn(async move {
+            while let Some(cmd) = commands.recv().await {
+                tracing::debug!(?cmd, "relay command (no relay running)");
+            }
+        });
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,828 @@
+//! The embedded store: SQLite in WAL mode behind one writer thread with group commit.
+//!
+//! Every operation is a job sent to the writer thread. The thread drains whatever jobs are
+//! queued, runs each inside its own savepoint of one transaction, commits once (one fsync with
+//! `synchronous=FULL`), and only then answers the callers. So a successful answer means the
+//! write is on disk, and under load many writes share each fsync.
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::seam::ConnectionEventKind;
+
+/// Most jobs committed together; bounds the latency a batch adds to its first job.
+const MAX_BATCH: usize = 512;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    is_admin INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    key_hash BLOB PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE products (
+    product_key TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX products_by_account ON products(account_id, created_at);
+CREATE TABLE devices (
+    product_key TEXT NOT NULL REFERENCES products(product_key),
+    name TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (product_key, name)
+);
+CREATE TABLE tunnels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    product_key TEXT NOT NULL,
+    device_name TEXT NOT NULL,
+    custom_info TEXT,
+    description TEXT,
+    services TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    closed_at INTEGER,
+    close_reason TEXT,
+    client_token_hash BLOB NOT NULL,
+    device_token_hash BLOB NOT NULL,
+    device_token_seed BLOB NOT NULL,
+    device_connected INTEGER NOT NULL DEFAULT 0,
+    device_updated_at INTEGER,
+    device_rtt_us INTEGER,
+    device_srtt_us INTEGER,
+    device_addr TEXT,
+    client_connected INTEGER NOT NULL DEFAULT 0,
+    client_updated_at INTEGER,
+    client_rtt_us INTEGER,
+    client_srtt_us INTEGER,
+    client_addr TEXT
+);
+CREATE INDEX tunnels_by_account ON tunnels(account_id, seq);
+CREATE INDEX tunnels_by_device ON tunnels(product_key, device_name, state);
+CREATE INDEX tunnels_by_expiry ON tunnels(state, expires_at);
+CREATE INDEX tunnels_by_created ON tunnels(created_at);
+"#];
+
+trait Job: Send {
+    /// Runs against the open transaction; returns whether it succeeded and how to answer once
+    /// the transaction's fate is known.
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Reply);
+    /// Answers with `err` without running.
+    fn fail(self: Box<Self>, err: StoreError);
+}
+
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+struct TypedJob<F, T> {
+    work: F,
+    answer: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<F, T> Job for TypedJob<F, T>
+where
+    F: FnOnce(&Connection) -> StoreResult<T> + Send,
+    T: Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Reply) {
+        let result = (self.work)(conn);
+        let answer = self.answer;
+        (
+            result.is_ok(),
+            Box::new(move |commit| {
+                let _ = answer.send(commit.and(result));
+            }),
+        )
+    }
+
+    fn fail(self: Box<Self>, err: StoreError) {
+        let _ = self.answer.send(Err(err));
+    }
+}
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    jobs: std_mpsc::Sender<Box<dyn Job>>,
+}
+
+impl std::fmt::Debug for dyn Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let mut conn = Connection::open(path)?;
+        // The database holds device secrets: owner-only, like the TLS keys.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "cannot enable WAL mode (got {mode})"
+        );
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        migrate(&mut conn)?;
+        let (tx, rx) = std_mpsc::channel::<Box<dyn Job>>();
+        std::thread::Builder::new()
+            .name("iotunnel-store".into())
+            .spawn(move || writer_loop(conn, rx))?;
+        Ok(Self { jobs: tx })
+    }
+
+    async fn call<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (answer, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(TypedJob { work, answer }))
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        version <= MIGRATIONS.len(),
+        "database schema version {version} is newer than this binary ({})",
+        MIGRATIONS.len()
+    );
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, rx: std_mpsc::Receiver<Box<dyn Job>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, batch);
+    }
+}
+
+fn run_batch(conn: &Connection, batch: Vec<Box<dyn Job>>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let err = backend(e);
+        batch.into_iter().for_each(|job| job.fail(err.clone()));
+        return;
+    }
+    let mut replies: Vec<(Reply, Option<StoreError>)> = Vec::with_capacity(batch.len());
+    for job in batch {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            job.fail(backend(e));
+            continue;
+        }
+        let (ok, reply) = job.run(conn);
+        let end = if ok {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        replies.push((reply, conn.execute_batch(end).err().map(backend)));
+    }
+    let commit = conn.execute_batch("COMMIT").map_err(backend);
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for (reply, err) in replies {
+        reply(match (&commit, err) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), Some(e)) => Err(e),
+            (Ok(()), None) => Ok(()),
+        });
+    }
+}
+
+const TUNNEL_COLUMNS: &str = "seq, id, account_id, product_key, device_name, custom_info, \
+    description, services, state, created_at, expires_at, closed_at, close_reason, \
+    client_token_hash, device_token_hash, device_token_seed, device_connected, \
+    device_updated_at, device_rtt_us, device_srtt_us, device_addr, client_connected, \
+    client_updated_at, client_rtt_us, client_srtt_us, client_addr";
+
+fn hash32(v: Vec<u8>) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    if v.len() == 32 {
+        out.copy_from_slice(&v);
+    }
+    out
+}
+
+fn peer_from_row(row: &Row<'_>, base: usize) -> rusqlite::Result<PeerStatus> {
+    Ok(PeerStatus {
+        connected: row.get::<_, i64>(base)? != 0,
+        updated_at: row.get(base + 1)?,
+        rtt_us: row.get::<_, Option<i64>>(base + 2)?.map(|v| v as u64),
+        srtt_us: row.get::<_, Option<i64>>(base + 3)?.map(|v| v as u64),
+        addr: row.get(base + 4)?,
+    })
+}
+
+fn tunnel_from_row(row: &Row<'_>) -> rusqlite::Result<Tunnel> {
+    let services: String = row.get(7)?;
+    let state: String = row.get(8)?;
+    Ok(Tunnel {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        account_id: row.get(2)?,
+        product_key: row.get(3)?,
+        device_name: row.get(4)?,
+        custom_info: row.get(5)?,
+        description: row.get(6)?,
+        services: serde_json::from_str(&services).unwrap_or_default(),
+        state: TunnelState::parse(&state).unwrap_or(TunnelState::Closed),
+        created_at: row.get(9)?,
+        expires_at: row.get(10)?,
+        closed_at: row.get(11)?,
+        close_reason: row.get(12)?,
+        client_token_hash: hash32(row.get(13)?),
+        device_token_hash: hash32(row.get(14)?),
+        device_token_seed: hash32(row.get(15)?),
+        device: peer_from_row(row, 16)?,
+        client: peer_from_row(row, 21)?,
+    })
+}
+
+fn query_tunnels(
+    conn: &Connection,
+    where_clause: &str,
+    params: impl rusqlite::Params,
+) -> StoreResult<Vec<Tunnel>> {
+    let sql = format!("SELECT {TUNNEL_COLUMNS} FROM tunnels WHERE {where_clause}");
+    let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
+    let rows = stmt.query_map(params, tunnel_from_row).map_err(backend)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+}
+
+fn one_tunnel(conn: &Connection, account_id: &str, tunnel_id: &str) -> StoreResult<Tunnel> {
+    query_tunnels(
+        conn,
+        "id = ?1 AND account_id = ?2",
+        params![tunnel_id, account_id],
+    )?
+    .pop()
+    .ok_or(StoreError::NotFound)
+}
+
+fn close_where(
+    conn: &Connection,
+    where_clause: &str,
+    params: &[&dyn rusqlite::ToSql],
+    reason: CloseReason,
+    now: Millis,
+) -> StoreResult<Vec<Tunnel>> {
+    let sql = format!(
+        "UPDATE tunnels SET state = 'CLOSED', closed_at = {now}, close_reason = '{}' \
+         WHERE state = 'OPEN' AND {where_clause} RETURNING {TUNNEL_COLUMNS}",
+        reason.as_str()
+    );
+    let mut stmt = conn.prepare(&sql).map_err(backend)?;
+    let rows = stmt.query_map(params, tunnel_from_row).map_err(backend)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+}
+
+fn product_owned(conn: &Connection, account_id: &str, product_key: &str) -> StoreResult<()> {
+    conn.prepare_cached("SELECT 1 FROM products WHERE product_key = ?1 AND account_id = ?2")
+        .and_then(|mut s| s.exists(params![product_key, account_id]))
+        .map_err(backend)?
+        .then_some(())
+        .ok_or(StoreError::NotFound)
+}
+
+fn account_from_row(row: &Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        is_admin: row.get::<_, i64>(2)? != 0,
+        created_at: row.get(3)?,
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn admin_account(&self) -> StoreResult<Option<Account>> {
+        self.call(|c| {
+            c.query_row(
+                "SELECT id, name, is_admin, created_at FROM accounts WHERE is_admin = 1 LIMIT 1",
+                [],
+                account_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn create_account(
+        &self,
+        id: String,
+        name: String,
+        is_admin: bool,
+        key_hash: SecretHash,
+        now: Millis,
+    ) -> StoreResult<Account> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO accounts (id, name, is_admin, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, name, is_admin as i64, now],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists
+                } else {
+                    backend(e)
+                }
+            })?;
+            c.execute(
+                "INSERT INTO api_keys (key_hash, account_id, created_at) VALUES (?1, ?2, ?3)",
+                params![&key_hash[..], id, now],
+            )
+            .map_err(backend)?;
+            Ok(Account {
+                id,
+                name,
+                is_admin,
+                created_at: now,
+            })
+        })
+        .await
+    }
+
+    async fn add_api_key(
+        &self,
+        account_id: String,
+        key_hash: SecretHash,
+        now: Millis,
+    ) -> StoreResult<()> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO api_keys (key_hash, account_id, created_at) VALUES (?1, ?2, ?3)",
+                params![&key_hash[..], account_id, now],
+            )
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<Account>> {
+        self.call(move |c| {
+            c.prepare_cached(
+                "SELECT a.id, a.name, a.is_admin, a.created_at FROM api_keys k \
+                 JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![&key_hash[..]], account_from_row)
+                    .optional()
+            })
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn create_product(&self, p: Product) -> StoreResult<Product> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO products (product_key, account_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![p.product_key, p.account_id, p.name, p.created_at],
+            )
+            .map_err(|e| if is_unique_violation(&e) { StoreError::AlreadyExists } else { backend(e) })?;
+            Ok(p)
+        })
+        .await
+    }
+
+    async fn list_products(&self, account_id: String) -> StoreResult<Vec<Product>> {
+        self.call(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT product_key, account_id, name, created_at FROM products \
+                     WHERE account_id = ?1 ORDER BY created_at, product_key",
+                )
+                .map_err(backend)?;
+            let rows = s
+                .query_map(params![account_id], |r| {
+                    Ok(Product {
+                        product_key: r.get(0)?,
+                        account_id: r.get(1)?,
+                        name: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn create_device(&self, d: Device) -> StoreResult<Device> {
+        self.call(move |c| {
+            product_owned(c, &d.account_id, &d.product_key)?;
+            c.execute(
+                "INSERT INTO devices (product_key, name, secret, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![d.product_key, d.name, d.secret, d.created_at],
+            )
+            .map_err(|e| if is_unique_violation(&e) { StoreError::AlreadyExists } else { backend(e) })?;
+            Ok(d)
+        })
+        .await
+    }
+
+    async fn list_devices(
+        &self,
+        account_id: String,
+        product_key: String,
+    ) -> StoreResult<Vec<Device>> {
+        self.call(move |c| {
+            product_owned(c, &account_id, &product_key)?;
+            let mut s = c
+                .prepare_cached(
+                    "SELECT product_key, name, secret, created_at FROM devices \
+                     WHERE product_key = ?1 ORDER BY created_at, name",
+                )
+                .map_err(backend)?;
+            let rows = s
+                .query_map(params![product_key], |r| {
+                    Ok(Device {
+                        product_key: r.get(0)?,
+                        account_id: account_id.clone(),
+                        name: r.get(1)?,
+                        secret: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_device(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<Option<Device>> {
+        self.call(move |c| {
+            c.prepare_cached(
+                "SELECT d.product_key, p.account_id, d.name, d.secret, d.created_at FROM devices d \
+                 JOIN products p ON p.product_key = d.product_key \
+                 WHERE d.product_key = ?1 AND d.name = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![product_key, device_name], |r| {
+                    Ok(Device {
+                        product_key: r.get(0)?,
+                        account_id: r.get(1)?,
+                        name: r.get(2)?,
+                        secret: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_device(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        now: Millis,
+    ) -> StoreResult<Vec<Tunnel>> {
+        self.call(move |c| {
+            product_owned(c, &account_id, &product_key)?;
+            let n = c
+                .execute(
+                    "DELETE FROM devices WHERE product_key = ?1 AND name = ?2",
+                    params![product_key, device_name],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            close_where(
+                c,
+                "product_key = ?1 AND device_name = ?2",
+                params![product_key, device_name],
+                CloseReason::DeviceDeleted,
+                now,
+            )
+        })
+        .await
+    }
+
+    async fn create_tunnel(&self, t: NewTunnel) -> StoreResult<Tunnel> {
+        self.call(move |c| {
+            product_owned(c, &t.account_id, &t.product_key)?;
+            let exists = c
+                .prepare_cached("SELECT 1 FROM devices WHERE product_key = ?1 AND name = ?2")
+                .and_then(|mut s| s.exists(params![t.product_key, t.device_name]))
+                .map_err(backend)?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            let open: u32 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM tunnels WHERE product_key = ?1 AND device_name = ?2 \
+                     AND state = 'OPEN'",
+                )
+                .and_then(|mut s| s.query_row(params![t.product_key, t.device_name], |r| r.get(0)))
+                .map_err(backend)?;
+            if open >= t.max_open_per_device {
+                return Err(StoreError::TunnelLimit(t.max_open_per_device));
+            }
+            let services = serde_json::to_string(&t.services).unwrap_or_else(|_| "[]".into());
+            c.prepare_cached(
+                "INSERT INTO tunnels (id, account_id, product_key, device_name, custom_info, \
+                 description, services, state, created_at, expires_at, client_token_hash, \
+                 device_token_hash, device_token_seed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'OPEN', ?8, ?9, ?10, ?11, ?12)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    t.id,
+                    t.account_id,
+                    t.product_key,
+                    t.device_name,
+                    t.custom_info,
+                    t.description,
+                    services,
+                    t.created_at,
+                    t.expires_at,
+                    &t.client_token_hash[..],
+                    &t.device_token_hash[..],
+                    &t.device_token_seed[..],
+                ])
+            })
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists
+                } else {
+                    backend(e)
+                }
+            })?;
+            Ok(Tunnel {
+                seq: c.last_insert_rowid(),
+                id: t.id,
+                account_id: t.account_id,
+                product_key: t.product_key,
+                device_name: t.device_name,
+                custom_info: t.custom_info,
+                description: t.description,
+                services: t.services,
+                state: TunnelState::Open,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                closed_at: None,
+                close_reason: None,
+                client_token_hash: t.client_token_hash,
+                device_token_hash: t.device_token_hash,
+                device_token_seed: t.device_token_seed,
+                device: PeerStatus::default(),
+                client: PeerStatus::default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_tunnel(&self, account_id: String, tunnel_id: String) -> StoreResult<Tunnel> {
+        self.call(move |c| one_tunnel(c, &account_id, &tunnel_id))
+            .await
+    }
+
+    async fn search_tunnels(
+        &self,
+        account_id: String,
+        f: TunnelFilter,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<TunnelPage> {
+        self.call(move |c| {
+            let state = f.state.map(TunnelState::as_str);
+            let mut tunnels = query_tunnels(
+                c,
+                "account_id = ?1 AND (?2 IS NULL OR product_key = ?2) \
+                 AND (?3 IS NULL OR device_name = ?3) AND (?4 IS NULL OR id = ?4) \
+                 AND (?5 IS NULL OR state = ?5) AND seq < ?6 ORDER BY seq DESC LIMIT ?7",
+                params![
+                    account_id,
+                    f.product_key,
+                    f.device_name,
+                    f.tunnel_id,
+                    state,
+                    before_seq.unwrap_or(i64::MAX),
+                    i64::from(limit) + 1
+                ],
+            )?;
+            let more = tunnels.len() > limit as usize;
+            tunnels.truncate(limit as usize);
+            let next_before_seq = more.then(|| tunnels.last().map(|t| t.seq)).flatten();
+            Ok(TunnelPage {
+                tunnels,
+                next_before_seq,
+            })
+        })
+        .await
+    }
+
+    async fn close_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        reason: CloseReason,
+        now: Millis,
+    ) -> StoreResult<Tunnel> {
+        self.call(move |c| {
+            let t = one_tunnel(c, &account_id, &tunnel_id)?;
+            if t.state != TunnelState::Open {
+                return Err(StoreError::TunnelNotOpen);
+            }
+            close_where(c, "id = ?1", params![tunnel_id], reason, now)?
+                .pop()
+                .ok_or(StoreError::TunnelNotOpen)
+        })
+        .await
+    }
+
+    async fn delete_tunnel(&self, account_id: String, tunnel_id: String) -> StoreResult<()> {
+        self.call(move |c| {
+            let t = one_tunnel(c, &account_id, &tunnel_id)?;
+            if t.state != TunnelState::Closed {
+                return Err(StoreError::TunnelNotClosed);
+            }
+            c.execute("DELETE FROM tunnels WHERE id = ?1", params![tunnel_id])
+                .map(drop)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn rotate_tokens(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        r: Rotation,
+    ) -> StoreResult<Tunnel> {
+        self.call(move |c| {
+            let t = one_tunnel(c, &account_id, &tunnel_id)?;
+            if t.state != TunnelState::Open {
+                return Err(StoreError::TunnelNotOpen);
+            }
+            if let Some(h) = r.client_token_hash {
+                c.execute(
+                    "UPDATE tunnels SET client_token_hash = ?1 WHERE id = ?2",
+                    params![&h[..], tunnel_id],
+                )
+                .map_err(backend)?;
+            }
+            if let Some((h, seed)) = r.device_token {
+                c.execute(
+                    "UPDATE tunnels SET device_token_hash = ?1, device_token_seed = ?2 WHERE id = ?3",
+                    params![&h[..], &seed[..], tunnel_id],
+                )
+                .map_err(backend)?;
+            }
+            one_tunnel(c, &account_id, &tunnel_id)
+        })
+        .await
+    }
+
+    async fn open_tunnels_of_device(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<Vec<Tunnel>> {
+        self.call(move |c| {
+            query_tunnels(
+                c,
+                "product_key = ?1 AND device_name = ?2 AND state = 'OPEN' ORDER BY seq",
+                params![product_key, device_name],
+            )
+        })
+        .await
+    }
+
+    async fn all_open_tunnels(&self) -> StoreResult<Vec<Tunnel>> {
+        self.call(|c| query_tunnels(c, "state = 'OPEN' ORDER BY seq", []))
+            .await
+    }
+
+    async fn expire_tunnels(&self, now: Millis) -> StoreResult<Vec<Tunnel>> {
+        self.call(move |c| {
+            close_where(
+                c,
+                "expires_at <= ?1",
+                params![now],
+                CloseReason::Expired,
+                now,
+            )
+        })
+        .await
+    }
+
+    async fn purge_tunnels(&self, created_before: Millis) -> StoreResult<Vec<String>> {
+        self.call(move |c| {
+            let mut s = c
+                .prepare_cached("DELETE FROM tunnels WHERE created_at < ?1 RETURNING id")
+                .map_err(backend)?;
+            let rows = s
+                .query_map(params![created_before], |r| r.get(0))
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn reset_connections(&self, now: Millis) -> StoreResult<()> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE tunnels SET device_connected = 0, device_updated_at = ?1 WHERE device_connected = 1",
+                params![now],
+            )
+            .and_then(|_| {
+                c.execute(
+                    "UPDATE tunnels SET client_connected = 0, client_updated_at = ?1 WHERE client_connected = 1",
+                    params![now],
+                )
+            })
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn apply_connection_events(&self, events: Vec<ConnectionEvent>) -> StoreResult<()> {
+        self.call(move |c| {
+            for e in &events {
+                let side = e.side.as_str();
+                let res = match &e.kind {
+                    ConnectionEventKind::Connected { addr } => c.execute(
+                        &format!(
+                            "UPDATE tunnels SET {side}_connected = 1, {side}_updated_at = ?1, \
+                             {side}_addr = ?2 WHERE id = ?3"
+                        ),
+                        params![e.at, addr, e.tunnel_id],
+                    ),
+                    ConnectionEventKind::Disconnected { .. } => c.execute(
+                        &format!(
+                            "UPDATE tunnels SET {side}_connected = 0, {side}_updated_at = ?1 \
+                             WHERE id = ?2"
+                        ),
+                        params![e.at, e.tunnel_id],
+                    ),
+                    ConnectionEventKind::Rtt { last_us, smoothed_us } => c.execute(
+                        &format!(
+                            "UPDATE tunnels SET {side}_rtt_us = ?1, {side}_srtt_us = ?2 WHERE id = ?3"
+                        ),
+                        params![*last_us as i64, *smoothed_us as i64, e.tunnel_id],
+                    ),
+                };
+                res.map_err(backend)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,124 @@
+//! TLS material for the relay: a self-signed CA and a server certificate it signs, generated
+//! into `{data-dir}/tls/` on first start. `ca.pem` is what clients and devices trust.
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// Paths of the generated TLS files.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    /// The CA certificate clients trust.
+    pub ca_cert: PathBuf,
+    /// The CA private key.
+    pub ca_key: PathBuf,
+    /// The relay's certificate chain (server certificate, then CA).
+    pub server_cert: PathBuf,
+    /// The relay's private key.
+    pub server_key: PathBuf,
+    /// The SANs the server certificate was issued for, one per line.
+    server_sans: PathBuf,
+}
+
+impl TlsPaths {
+    /// The files under `{data_dir}/tls/`.
+    pub fn new(data_dir: &Path) -> Self {
+        let dir = data_dir.join("tls");
+        Self {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            server_sans: dir.join("server.sans"),
+        }
+    }
+}
+
+/// Ensures the CA and a server certificate valid for localhost, 127.0.0.1 and `public_host`
+/// exist, generating what is missing. An existing CA is kept, so clients keep trusting it.
+pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<TlsPaths> {
+    let paths = TlsPaths::new(data_dir);
+    let dir = paths.ca_cert.parent().expect("tls dir has a parent");
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+
+    let (ca_pem, ca_key) = if paths.ca_cert.exists() && paths.ca_key.exists() {
+        let key = KeyPair::from_pem(&fs::read_to_string(&paths.ca_key)?)
+            .context("cannot parse tls/ca.key")?;
+        (fs::read_to_string(&paths.ca_cert)?, key)
+    } else {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "iotunnel");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("iotunnel CA {}", unique_suffix()),
+        );
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_after = rcgen::date_time_ymd(2046, 1, 1);
+        let cert = params.self_signed(&key)?;
+        write_private(&paths.ca_key, &key.serialize_pem())?;
+        fs::write(&paths.ca_cert, cert.pem())?;
+        // A new CA invalidates any server certificate signed by an older one.
+        let _ = fs::remove_file(&paths.server_sans);
+        (cert.pem(), key)
+    };
+
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !sans.iter().any(|s| s == public_host) {
+        sans.push(public_host.to_string());
+    }
+    let wanted = sans.join("\n");
+    let current = fs::read_to_string(&paths.server_sans).unwrap_or_default();
+    if current == wanted && paths.server_cert.exists() && paths.server_key.exists() {
+        return Ok(paths);
+    }
+
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("cannot load tls/ca.pem")?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(sans)?;
+    // A unique CN: localproxy and some TLS stacks reject a leaf whose CN equals its issuer's
+    // or that is the generic "localhost" (PROTOCOLS.md).
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("iotunnel relay {}", unique_suffix()),
+    );
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_after = rcgen::date_time_ymd(2046, 1, 1);
+    let cert = params.signed_by(&key, &issuer)?;
+    write_private(&paths.server_key, &key.serialize_pem())?;
+    fs::write(&paths.server_cert, format!("{}{}", cert.pem(), ca_pem))?;
+    fs::write(&paths.server_sans, wanted)?;
+    Ok(paths)
+}
+
+fn unique_suffix() -> String {
+    hex::encode(crate::token::random_bytes::<6>())
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
