@@ -464,10 +464,14 @@ mod tests {
                 "json",
             ),
             (raw(r#"{"frame_type":4,"frame_id":1} x"#, b""), "json"),
-            (raw(r#"{"frame_type":9,"frame_id":1}"#, b""), "unknown_frame_type"),
+            (
+                raw(r#"{"frame_type":9,"frame_id":1}"#, b""),
+                "unknown_frame_type",
+            ),
         ];
         for service_type in ["", "SSH1", "a b", "abcdefghijklmnopq", "ßsh"] {
-            let header = format!(r#"{{"frame_type":2,"frame_id":1,"service_type":"{service_type}"}}"#);
+            let header =
+                format!(r#"{{"frame_type":2,"frame_id":1,"service_type":"{service_type}"}}"#);
             assert!(
                 matches!(
                     parse_frame(&raw(&header, b"")),
@@ -514,9 +518,14 @@ mod tests {
 
     #[test]
     fn responses() {
-        let bytes =
-            common_response(Some("s-9"), 7, Some("_SSH"), response_code::SESSION_LIMIT, "full")
-                .unwrap();
+        let bytes = common_response(
+            Some("s-9"),
+            7,
+            Some("_SSH"),
+            response_code::SESSION_LIMIT,
+            "full",
+        )
+        .unwrap();
         let frame = parse_frame(&bytes).unwrap();
         assert_eq!(frame.header.frame_type, FrameType::CommonResponse);
         assert_eq!(frame.header.frame_id, 7);

@@ -693,7 +693,10 @@ mod tests {
                 let mut server = [0; MAX_SERVER_HEADER];
                 let n = encode_server_header(fin, OpCode::Binary, len, &mut server);
                 let parsed = parse_header(&server[..n], Sender::Server, DEFAULT_MAX_PAYLOAD);
-                assert_eq!(parsed, Ok(Some(FrameHeader::server(fin, OpCode::Binary, len))));
+                assert_eq!(
+                    parsed,
+                    Ok(Some(FrameHeader::server(fin, OpCode::Binary, len)))
+                );
                 assert_eq!(n + 4, encoded_header_len(len, true));
             }
         }
@@ -764,7 +767,10 @@ mod tests {
         let mut t = FragmentTracker::new();
         assert_eq!(t.on_frame(&frame(true, OpCode::Binary)), Ok(OpCode::Binary));
         assert!(!t.in_message());
-        assert_eq!(t.on_frame(&frame(false, OpCode::Binary)), Ok(OpCode::Binary));
+        assert_eq!(
+            t.on_frame(&frame(false, OpCode::Binary)),
+            Ok(OpCode::Binary)
+        );
         assert!(t.in_message());
         assert_eq!(t.on_frame(&frame(true, OpCode::Ping)), Ok(OpCode::Ping));
         assert_eq!(
@@ -787,7 +793,8 @@ mod tests {
         // Continuations of a text message report Text, so reject_text catches them.
         assert_eq!(t.on_frame(&frame(false, OpCode::Text)), Ok(OpCode::Text));
         assert_eq!(
-            t.on_frame(&frame(true, OpCode::Continuation)).map(reject_text),
+            t.on_frame(&frame(true, OpCode::Continuation))
+                .map(reject_text),
             Ok(Err(FrameError::TextFrame))
         );
     }
@@ -798,10 +805,13 @@ mod tests {
         let payload = [7u8; 300];
         let mut buf = vec![0; MAX_SERVER_HEADER];
         buf.extend_from_slice(&payload);
-        let start = write_header_before(&mut buf, MAX_SERVER_HEADER, true, OpCode::Binary, 300)
-            .unwrap();
+        let start =
+            write_header_before(&mut buf, MAX_SERVER_HEADER, true, OpCode::Binary, 300).unwrap();
         assert_eq!(start, MAX_SERVER_HEADER - 4);
-        assert_eq!(buf[start..], server_frame(true, OpCode::Binary, &payload)[..]);
+        assert_eq!(
+            buf[start..],
+            server_frame(true, OpCode::Binary, &payload)[..]
+        );
         // Too little room.
         assert_eq!(
             write_header_before(&mut buf, 3, true, OpCode::Binary, 300),
@@ -817,9 +827,8 @@ mod tests {
             let mut buf = client_frame(false, OpCode::Binary, MASK, &data);
             let h = parse(&buf).unwrap().unwrap();
             unmask(&mut buf[h.header_len..], h.mask);
-            let start =
-                write_header_before(&mut buf, h.header_len, h.fin, h.opcode, h.payload_len)
-                    .unwrap();
+            let start = write_header_before(&mut buf, h.header_len, h.fin, h.opcode, h.payload_len)
+                .unwrap();
             assert_eq!(start, 4);
             assert_eq!(buf[start..], server_frame(false, OpCode::Binary, &data)[..]);
         }

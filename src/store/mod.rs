@@ -315,7 +315,7 @@ pub trait Store: Send + Sync + 'static {
     async fn all_open_tunnels(&self) -> StoreResult<Vec<Tunnel>>;
     /// Closes every OPEN tunnel whose `expires_at` is at or before `now`; returns them.
     async fn expire_tunnels(&self, now: Millis) -> StoreResult<Vec<Tunnel>>;
-    /// Deletes tunnels created before `created_before` (CLOSED or not); returns their ids.
+    /// Deletes tunnels created at or before `created_before` (CLOSED or not); returns their ids.
     async fn purge_tunnels(&self, created_before: Millis) -> StoreResult<Vec<String>>;
     /// Marks every side DISCONNECTED (at start: no relay connection survives a restart).
     async fn reset_connections(&self, now: Millis) -> StoreResult<()>;

@@ -765,7 +765,7 @@ impl Store for SqliteStore {
     async fn purge_tunnels(&self, created_before: Millis) -> StoreResult<Vec<String>> {
         self.call(move |c| {
             let mut s = c
-                .prepare_cached("DELETE FROM tunnels WHERE created_at < ?1 RETURNING id")
+                .prepare_cached("DELETE FROM tunnels WHERE created_at <= ?1 RETURNING id")
                 .map_err(backend)?;
             let rows = s
                 .query_map(params![created_before], |r| r.get(0))
