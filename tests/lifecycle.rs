@@ -12,8 +12,14 @@ const DAY_MS: i64 = 86_400_000;
 async fn tunnels_close_at_expiry_and_are_deleted_after_retention() {
     let t = TestServer::start_with(|s| s.max_open_tunnels_per_device = 100).await;
     let mut f = t.online_device().await;
-    let short = t.tunnel(&f, json!({"lifetime_seconds": 60})).await["tunnel_id"].as_str().unwrap().to_string();
-    let long = t.tunnel(&f, json!({})).await["tunnel_id"].as_str().unwrap().to_string();
+    let short = t.tunnel(&f, json!({"lifetime_seconds": 60})).await["tunnel_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let long = t.tunnel(&f, json!({})).await["tunnel_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     f.channel.next_json().await;
     f.channel.next_json().await;
     let cp = &t.server().control;
@@ -23,8 +29,14 @@ async fn tunnels_close_at_expiry_and_are_deleted_after_retention() {
     t.clock.advance_ms(1);
     assert_eq!(sweep_once(cp).await.unwrap().expired, vec![short.clone()]);
     let (_, d) = t.get(&format!("/v1/tunnels/{short}"), &f.key).await;
-    assert_eq!((d["state"].as_str(), d["close_reason"].as_str()), (Some("CLOSED"), Some("expired")));
-    assert_eq!(f.channel.next_json().await, json!({"operation": "close", "tunnel_id": short, "reason": "expired"}));
+    assert_eq!(
+        (d["state"].as_str(), d["close_reason"].as_str()),
+        (Some("CLOSED"), Some("expired"))
+    );
+    assert_eq!(
+        f.channel.next_json().await,
+        json!({"operation": "close", "tunnel_id": short, "reason": "expired"})
+    );
 
     // The default lifetime is 24 h.
     t.clock.advance_ms(DAY_MS - 60_000);
@@ -48,7 +60,10 @@ async fn tunnels_close_at_expiry_and_are_deleted_after_retention() {
 async fn retention_is_configurable() {
     let t = TestServer::start_with(|s| s.retention_days = 2).await;
     let f = t.online_device().await;
-    let id = t.tunnel(&f, json!({})).await["tunnel_id"].as_str().unwrap().to_string();
+    let id = t.tunnel(&f, json!({})).await["tunnel_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     t.clock.advance_ms(2 * DAY_MS);
     let report = sweep_once(&t.server().control).await.unwrap();
     assert_eq!(report.expired, vec![id.clone()]);
@@ -74,25 +89,43 @@ async fn restart_keeps_tunnels_and_rebuilds_the_index() {
     let open = t.tunnel(&f, json!({"description": "keep me"})).await;
     let open_id = open["tunnel_id"].as_str().unwrap().to_string();
     let client_token = open["client_token"].as_str().unwrap().to_string();
-    let device_token = f.channel.next_json().await["token"].as_str().unwrap().to_string();
-    let closed = t.tunnel(&f, json!({})).await["tunnel_id"].as_str().unwrap().to_string();
-    t.post(&format!("/v1/tunnels/{closed}/close"), &f.key, json!({})).await;
+    let device_token = f.channel.next_json().await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let closed = t.tunnel(&f, json!({})).await["tunnel_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    t.post(&format!("/v1/tunnels/{closed}/close"), &f.key, json!({}))
+        .await;
     let (key, pk, secret) = (f.key.clone(), f.product_key.clone(), f.secret.clone());
     f.channel.close().await;
     t.stop().await;
 
     let t2 = TestServer::start_in(t.dir.clone(), t.clock.clone(), |_| {}).await;
     let (_, d) = t2.get(&format!("/v1/tunnels/{open_id}"), &key).await;
-    assert_eq!((d["state"].as_str(), d["description"].as_str()), (Some("OPEN"), Some("keep me")));
+    assert_eq!(
+        (d["state"].as_str(), d["description"].as_str()),
+        (Some("OPEN"), Some("keep me"))
+    );
     let (_, d) = t2.get(&format!("/v1/tunnels/{closed}"), &key).await;
     assert_eq!(d["state"], "CLOSED");
     let index = &t2.server().control.index;
     assert_eq!(index.len(), 1);
     let hash = iotunnel::token::hash_secret;
-    assert_eq!(&*index.lookup(&hash(&client_token)).unwrap().tunnel.tunnel_id, open_id.as_str());
-    assert_eq!(&*index.lookup(&hash(&device_token)).unwrap().tunnel.tunnel_id, open_id.as_str());
+    assert_eq!(
+        &*index.lookup(&hash(&client_token)).unwrap().tunnel.tunnel_id,
+        open_id.as_str()
+    );
+    assert_eq!(
+        &*index.lookup(&hash(&device_token)).unwrap().tunnel.tunnel_id,
+        open_id.as_str()
+    );
 
     // The device reconnects and is given the same token again.
-    let mut ch = DeviceChannel::connect(&t2, &pk, "dev-1", &secret).await.unwrap();
+    let mut ch = DeviceChannel::connect(&t2, &pk, "dev-1", &secret)
+        .await
+        .unwrap();
     assert_eq!(ch.next_json().await["token"], device_token.as_str());
 }

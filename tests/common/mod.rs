@@ -51,9 +51,17 @@ impl TestServer {
         settings.admin_key = Some(Secret(ADMIN_KEY.into()));
         tweak(&mut settings);
         let listeners = Listeners::bind(&settings).await.unwrap();
-        let server = Server::start(settings, Arc::new(clock.clone()), listeners).await.unwrap();
+        let server = Server::start(settings, Arc::new(clock.clone()), listeners)
+            .await
+            .unwrap();
         let base = format!("http://{}", server.api_addr);
-        Self { server: Some(server), clock, dir, base, http: reqwest::Client::new() }
+        Self {
+            server: Some(server),
+            clock,
+            dir,
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// The running server.
@@ -69,7 +77,13 @@ impl TestServer {
     }
 
     /// Calls the API; returns the status and the JSON body (Null when empty).
-    pub async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if !key.is_empty() {
             req = req.bearer_auth(key);
@@ -80,7 +94,11 @@ impl TestServer {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let text = resp.text().await.unwrap();
-        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, v)
     }
 
@@ -98,14 +116,18 @@ impl TestServer {
 
     /// Creates an account; returns its API key.
     pub async fn account(&self, name: &str) -> String {
-        let (s, v) = self.post("/v1/accounts", ADMIN_KEY, json!({ "name": name })).await;
+        let (s, v) = self
+            .post("/v1/accounts", ADMIN_KEY, json!({ "name": name }))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["api_key"].as_str().unwrap().to_string()
     }
 
     /// Creates a product; returns its key.
     pub async fn product(&self, key: &str) -> String {
-        let (s, v) = self.post("/v1/products", key, json!({ "name": "test product" })).await;
+        let (s, v) = self
+            .post("/v1/products", key, json!({ "name": "test product" }))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["product_key"].as_str().unwrap().to_string()
     }
@@ -113,7 +135,11 @@ impl TestServer {
     /// Creates a device; returns its secret.
     pub async fn device(&self, key: &str, product_key: &str, name: &str) -> String {
         let (s, v) = self
-            .post(&format!("/v1/products/{product_key}/devices"), key, json!({ "name": name }))
+            .post(
+                &format!("/v1/products/{product_key}/devices"),
+                key,
+                json!({ "name": name }),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["device_secret"].as_str().unwrap().to_string()
@@ -124,8 +150,16 @@ impl TestServer {
         let key = self.account("acme").await;
         let product_key = self.product(&key).await;
         let secret = self.device(&key, &product_key, "dev-1").await;
-        let channel = DeviceChannel::connect(self, &product_key, "dev-1", &secret).await.unwrap();
-        Fixture { key, product_key, device_name: "dev-1".into(), secret, channel }
+        let channel = DeviceChannel::connect(self, &product_key, "dev-1", &secret)
+            .await
+            .unwrap();
+        Fixture {
+            key,
+            product_key,
+            device_name: "dev-1".into(),
+            secret,
+            channel,
+        }
     }
 
     /// Creates a tunnel; returns the 201 body.
@@ -144,7 +178,9 @@ impl TestServer {
     /// Waits until the device shows `online` in the device list (bounded).
     pub async fn wait_online(&self, key: &str, product_key: &str, device: &str, online: bool) {
         for _ in 0..500 {
-            let (_, v) = self.get(&format!("/v1/products/{product_key}/devices"), key).await;
+            let (_, v) = self
+                .get(&format!("/v1/products/{product_key}/devices"), key)
+                .await;
             let found = v["devices"]
                 .as_array()
                 .unwrap()
@@ -183,13 +219,24 @@ pub fn sign(secret: &str, product_key: &str, device_name: &str, ts: i64) -> Stri
 
 impl DeviceChannel {
     /// Connects with a correct signature at the server clock's time.
-    pub async fn connect(t: &TestServer, pk: &str, dn: &str, secret: &str) -> Result<Self, (u16, Value)> {
+    pub async fn connect(
+        t: &TestServer,
+        pk: &str,
+        dn: &str,
+        secret: &str,
+    ) -> Result<Self, (u16, Value)> {
         let ts = t.clock.now_ms() / 1000;
         Self::connect_raw(t, pk, dn, &ts.to_string(), &sign(secret, pk, dn, ts)).await
     }
 
     /// Connects with the given timestamp and signature.
-    pub async fn connect_raw(t: &TestServer, pk: &str, dn: &str, ts: &str, sig: &str) -> Result<Self, (u16, Value)> {
+    pub async fn connect_raw(
+        t: &TestServer,
+        pk: &str,
+        dn: &str,
+        ts: &str,
+        sig: &str,
+    ) -> Result<Self, (u16, Value)> {
         let url = format!("{}/v1/device/connect", t.base.replace("http://", "ws://"));
         let mut req = url.into_client_request().unwrap();
         let h = req.headers_mut();
@@ -201,7 +248,11 @@ impl DeviceChannel {
             Ok((ws, _)) => Ok(Self { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();
-                let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null)).unwrap_or(Value::Null);
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                    .unwrap_or(Value::Null);
                 Err((status, body))
             }
             Err(e) => panic!("unexpected connect error: {e}"),
@@ -228,7 +279,10 @@ impl DeviceChannel {
     /// Waits for the server to close the channel; returns the close code.
     pub async fn closed_code(&mut self) -> Option<u16> {
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await.expect("close within 10 s") {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("close within 10 s")
+            {
                 Some(Ok(Message::Close(c))) => return c.map(|c| c.code.into()),
                 Some(Ok(_)) => continue,
                 _ => return None,
