@@ -26,9 +26,8 @@ pub enum Command {
     /// Manage products.
     #[command(subcommand)]
     Product(ProductCmd),
-    /// Manage devices.
-    #[command(subcommand)]
-    Device(DeviceCmd),
+    /// Run the device agent, or manage devices (`device create|list|delete`).
+    Device(DeviceArgs),
     /// Manage tunnels.
     #[command(subcommand)]
     Tunnel(TunnelCmd),
@@ -85,6 +84,18 @@ pub enum ProductCmd {
         /// API options.
         api: ApiOpts,
     },
+}
+
+/// `iotunnel device`: the agent when no subcommand is given.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DeviceArgs {
+    /// Manage devices through the API.
+    #[command(subcommand)]
+    pub cmd: Option<DeviceCmd>,
+    /// Device agent flags.
+    #[command(flatten)]
+    pub agent: crate::agent::device::AgentArgs,
 }
 
 /// `iotunnel device ...`
@@ -225,6 +236,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(crate::server::run(settings))
+        }
+        Command::Device(DeviceArgs { cmd: None, agent }) => {
+            init_server_logging();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::agent::device::run(agent))
         }
         other => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -384,7 +402,9 @@ const TUNNEL_COLUMNS: &[(&str, &str)] = &[
 async fn api_command(cmd: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
-        Command::Server(_) => unreachable!("handled by run"),
+        Command::Server(_) | Command::Device(DeviceArgs { cmd: None, .. }) => {
+            unreachable!("handled by run")
+        }
         Command::Account(AccountCmd::Create { name, api }) => {
             let c = ApiClient::new(api)?;
             let v = c
@@ -429,10 +449,14 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                 ],
             );
         }
-        Command::Device(DeviceCmd::Create {
-            product_key,
-            name,
-            api,
+        Command::Device(DeviceArgs {
+            cmd:
+                Some(DeviceCmd::Create {
+                    product_key,
+                    name,
+                    api,
+                }),
+            ..
         }) => {
             let c = ApiClient::new(api)?;
             let path = format!("/v1/products/{}/devices", enc(&product_key));
@@ -449,7 +473,10 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                 ],
             );
         }
-        Command::Device(DeviceCmd::List { product_key, api }) => {
+        Command::Device(DeviceArgs {
+            cmd: Some(DeviceCmd::List { product_key, api }),
+            ..
+        }) => {
             let c = ApiClient::new(api)?;
             let v = c
                 .call(
@@ -469,10 +496,14 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                 ],
             );
         }
-        Command::Device(DeviceCmd::Delete {
-            product_key,
-            name,
-            api,
+        Command::Device(DeviceArgs {
+            cmd:
+                Some(DeviceCmd::Delete {
+                    product_key,
+                    name,
+                    api,
+                }),
+            ..
         }) => {
             let c = ApiClient::new(api)?;
             let path = format!("/v1/products/{}/devices/{}", enc(&product_key), enc(&name));

@@ -15,6 +15,7 @@
 //! data plane (the relay, which plugs into [`seam`]).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -280,3 +280,54 @@ async fn deleting_the_device_closes_its_tunnels_and_channel() {
     .await;
     assert_eq!(r.err().unwrap().0, 401, "a deleted device cannot reconnect");
 }
+
+#[tokio::test]
+async fn the_agent_keeps_the_channel_up_and_stops_when_its_device_is_deleted() {
+    use iotunnel::agent::device::{run, AgentArgs};
+    use iotunnel::config::Secret;
+    let t = TestServer::start().await;
+    let (key, pk, secret) = setup(&t).await;
+    let args = AgentArgs {
+        api_url: t.base.clone(),
+        product_key: Some(pk.clone()),
+        device_name: Some("dev-1".into()),
+        device_secret: Some(Secret(secret)),
+    };
+    let agent = tokio::spawn(run(args));
+    t.wait_online(&key, &pk, "dev-1", true).await;
+    // Deleting the device closes its channel with 4001; the agent stops instead of retrying.
+    t.delete(&format!("/v1/products/{pk}/devices/dev-1"), &key)
+        .await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), agent)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ended.unwrap_err().to_string().contains("device deleted"));
+}
+
+#[tokio::test]
+async fn the_agent_retries_until_the_server_answers() {
+    use iotunnel::agent::device::{run, AgentArgs};
+    use iotunnel::config::Secret;
+    let t = TestServer::start().await;
+    let (key, pk, _secret) = setup(&t).await;
+    // A wrong secret is refused (401) again and again; the agent keeps trying and never exits.
+    let args = AgentArgs {
+        api_url: t.base.clone(),
+        product_key: Some(pk.clone()),
+        device_name: Some("dev-1".into()),
+        device_secret: Some(Secret("wrong".into())),
+    };
+    let agent = tokio::spawn(run(args));
+    let r = tokio::time::timeout(std::time::Duration::from_millis(1500), async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if agent.is_finished() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(r.is_err(), "the agent must not exit on a refused channel");
+    t.wait_online(&key, &pk, "dev-1", false).await;
+}
