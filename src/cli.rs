@@ -254,8 +254,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_server_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IOTUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level = std::env::var("IOTUNNEL_LOG").unwrap_or_else(|_| "info".into());
+    // The WebSocket libraries trace whole frames, notifications with tokens included: never
+    // below info, whatever IOTUNNEL_LOG asks.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!(
+        "{level},tungstenite=info,tokio_tungstenite=info"
+    ))
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

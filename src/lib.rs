@@ -14,6 +14,7 @@
 //! The crate is two planes in one binary: the control plane ([`control`], [`store`]) and the
 //! data plane (the relay, which plugs into [`seam`]).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod cli;

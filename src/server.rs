@@ -62,17 +62,25 @@ pub struct Server {
     pub seam: Option<DataPlaneSeam>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    _data_dir_lock: std::fs::File,
 }
 
-/// Creates the data dir and checks it is writable.
-fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+/// Creates the data dir, checks it is writable, and locks it: two servers sharing one
+/// database would fight over connection state and sweeps. The lock lasts as long as the file.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"ok")
+    let path = dir.join("iotunnel.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
         .with_context(|| format!("data dir {} is not writable", dir.display()))?;
-    std::fs::remove_file(&probe).ok();
-    Ok(())
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!("data dir {} is in use by another iotunnel server", dir.display())
+    })?;
+    Ok(lock)
 }
 
 /// The key device tokens are derived from, created on first start.
@@ -143,7 +151,7 @@ impl Server {
         clock: Arc<dyn Clock>,
         listeners: Listeners,
     ) -> anyhow::Result<Self> {
-        prepare_data_dir(&settings.data_dir)?;
+        let data_dir_lock = prepare_data_dir(&settings.data_dir)?;
         tls::ensure_material(&settings.data_dir, &settings.public_relay.host)
             .context("cannot prepare TLS material")?;
         let token_key = load_token_key(&settings.data_dir)?;
@@ -208,6 +216,7 @@ impl Server {
             }),
             shutdown,
             tasks,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -225,6 +234,8 @@ impl Server {
 
 /// Runs `iotunnel server` until SIGTERM or Ctrl-C.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives once we are listening must shut down cleanly.
+    let stop = shutdown_signal()?;
     let listeners = Listeners::bind(&settings).await?;
     let mut server =
         Server::start(settings, Arc::new(crate::clock::SystemClock), listeners).await?;
@@ -242,17 +253,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
         });
     }
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -64,7 +64,7 @@ pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<Tls
         params.not_after = rcgen::date_time_ymd(2046, 1, 1);
         let cert = params.self_signed(&key)?;
         write_private(&paths.ca_key, &key.serialize_pem())?;
-        fs::write(&paths.ca_cert, cert.pem())?;
+        write_atomic(&paths.ca_cert, &cert.pem(), 0o644)?;
         // A new CA invalidates any server certificate signed by an older one.
         let _ = fs::remove_file(&paths.server_sans);
         (cert.pem(), key)
@@ -98,8 +98,12 @@ pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<Tls
     params.not_after = rcgen::date_time_ymd(2046, 1, 1);
     let cert = params.signed_by(&key, &issuer)?;
     write_private(&paths.server_key, &key.serialize_pem())?;
-    fs::write(&paths.server_cert, format!("{}{}", cert.pem(), ca_pem))?;
-    fs::write(&paths.server_sans, wanted)?;
+    write_atomic(
+        &paths.server_cert,
+        &format!("{}{}", cert.pem(), ca_pem),
+        0o644,
+    )?;
+    write_atomic(&paths.server_sans, &wanted, 0o644)?;
     Ok(paths)
 }
 
@@ -107,18 +111,31 @@ fn unique_suffix() -> String {
     hex::encode(crate::token::random_bytes::<6>())
 }
 
-/// Writes a file readable by its owner only.
+/// Writes a file readable by its owner only, atomically (see [`write_atomic`]).
 pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    write_atomic(path, contents, 0o600)
+}
+
+/// Writes a file through a synced temp file and a rename, so a crash leaves the old file or
+/// the new one, never half of one.
+pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }

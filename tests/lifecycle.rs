@@ -129,3 +129,20 @@ async fn restart_keeps_tunnels_and_rebuilds_the_index() {
         .unwrap();
     assert_eq!(ch.next_json().await["token"], device_token.as_str());
 }
+
+#[tokio::test]
+async fn a_second_server_cannot_share_the_data_dir() {
+    let t = TestServer::start().await;
+    let mut settings = iotunnel::config::Settings::for_tests(t.dir.path().to_path_buf());
+    settings.admin_key = Some(iotunnel::config::Secret(ADMIN_KEY.into()));
+    let listeners = iotunnel::server::Listeners::bind(&settings).await.unwrap();
+    let clock = std::sync::Arc::new(t.clock.clone());
+    let err = iotunnel::server::Server::start(settings, clock, listeners)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("in use by another iotunnel server"),
+        "{err}"
+    );
+}

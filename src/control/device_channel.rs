@@ -183,15 +183,41 @@ pub async fn connect(
             "the device channel is a WebSocket upgrade",
         )
     })?;
-    Ok(ws.on_upgrade(move |socket| serve_channel(cp, socket, (product_key, device_name))))
+    // Register before the 101 goes out: a device that has its answer is online, so a create
+    // right after cannot see it offline. Notifications wait in the queue until the socket is
+    // served; the guard unregisters if the upgrade never completes.
+    let key = (product_key, device_name);
+    let (id, rx) = cp.channels.register(key.clone());
+    let guard = Registration {
+        cp: cp.clone(),
+        key,
+        id,
+    };
+    Ok(ws.on_upgrade(move |socket| serve_channel(guard, socket, rx)))
 }
 
-async fn serve_channel(cp: Arc<ControlPlane>, mut socket: WebSocket, key: DeviceKey) {
-    let (id, mut rx) = cp.channels.register(key.clone());
-    tracing::info!(product_key = %key.0, device_name = %key.1, "device channel connected");
-    let reason = run_channel(&cp, &mut socket, &key, &mut rx).await;
-    cp.channels.unregister(&key, id);
-    tracing::info!(product_key = %key.0, device_name = %key.1, reason, "device channel disconnected");
+/// A registered channel; unregistered when dropped (served to the end, or upgrade failed).
+struct Registration {
+    cp: Arc<ControlPlane>,
+    key: DeviceKey,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.cp.channels.unregister(&self.key, self.id);
+    }
+}
+
+async fn serve_channel(
+    reg: Registration,
+    mut socket: WebSocket,
+    mut rx: mpsc::UnboundedReceiver<ChannelMsg>,
+) {
+    let (pk, dn) = (&reg.key.0, &reg.key.1);
+    tracing::info!(product_key = %pk, device_name = %dn, "device channel connected");
+    let reason = run_channel(&reg.cp, &mut socket, &reg.key, &mut rx).await;
+    tracing::info!(product_key = %pk, device_name = %dn, reason, "device channel disconnected");
 }
 
 async fn run_channel(

@@ -222,7 +222,7 @@ impl StreamError {
 }
 
 /// The fields of a message the relay checks, read without copying its payload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct MessageHeader {
     /// Field 1, raw (may be a value no version defines).
     pub message_type: i32,
@@ -260,6 +260,52 @@ impl Default for MessageHeader {
     }
 }
 
+impl PartialEq for MessageHeader {
+    fn eq(&self, other: &Self) -> bool {
+        // Bytes past the kept service id are stale and do not count.
+        (
+            self.message_type,
+            self.stream_id,
+            self.ignorable,
+            self.connection_id,
+            self.payload_len,
+            self.available_service_ids,
+            self.len,
+            self.service_id_len,
+        ) == (
+            other.message_type,
+            other.stream_id,
+            other.ignorable,
+            other.connection_id,
+            other.payload_len,
+            other.available_service_ids,
+            other.len,
+            other.service_id_len,
+        ) && self.kept_service_id() == other.kept_service_id()
+    }
+}
+
+impl Eq for MessageHeader {}
+
+impl std::fmt::Debug for MessageHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageHeader")
+            .field("message_type", &self.message_type)
+            .field("stream_id", &self.stream_id)
+            .field("ignorable", &self.ignorable)
+            .field("connection_id", &self.connection_id)
+            .field("payload_len", &self.payload_len)
+            .field("available_service_ids", &self.available_service_ids)
+            .field("len", &self.len)
+            .field(
+                "service_id",
+                &String::from_utf8_lossy(self.kept_service_id()),
+            )
+            .field("service_id_len", &self.service_id_len)
+            .finish()
+    }
+}
+
 impl MessageHeader {
     /// The header of a decoded message (for tests and for messages the relay builds).
     pub fn of(message: &Message) -> Self {
@@ -286,6 +332,12 @@ impl MessageHeader {
     pub fn service_id(&self) -> Option<&str> {
         let kept = self.service_id.get(..self.service_id_len)?;
         std::str::from_utf8(kept).ok()
+    }
+
+    /// The bytes of field 5 that were kept.
+    fn kept_service_id(&self) -> &[u8] {
+        let kept = self.service_id_len.min(MAX_SERVICE_ID_LEN);
+        self.service_id.get(..kept).unwrap_or_default()
     }
 
     /// The V3 connection id, with 0 (absent) read as 1.
@@ -907,6 +959,22 @@ mod tests {
         let found = track(&[&body(&unknown)]).unwrap();
         assert_eq!(found[0].1.kind(), Some(MessageType::Data));
         assert!(decode_message(&body(&unknown)).is_ok());
+    }
+
+    #[test]
+    fn repeated_service_id_keeps_the_last() {
+        // Found by fuzzing: a longer first serviceId left stale bytes that equality compared.
+        let found = track(&[&body(&[0x2A, 2, b'P', b'P', 0x2A, 0])]).unwrap();
+        assert_eq!(found[0].1.service_id(), Some(""));
+        assert_eq!(
+            found[0].1,
+            MessageHeader {
+                len: 6,
+                ..MessageHeader::default()
+            }
+        );
+        let found = track(&[&body(&[0x2A, 2, b'P', b'Q', 0x2A, 1, b'R'])]).unwrap();
+        assert_eq!(found[0].1.service_id(), Some("R"));
     }
 
     #[test]
