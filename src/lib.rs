@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod proto;
 pub mod seam;
 pub mod server;
 pub mod store;

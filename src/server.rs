@@ -78,7 +78,10 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
         .open(&path)
         .with_context(|| format!("data dir {} is not writable", dir.display()))?;
     lock.try_lock().map_err(|_| {
-        anyhow::anyhow!("data dir {} is in use by another iotunnel server", dir.display())
+        anyhow::anyhow!(
+            "data dir {} is in use by another iotunnel server",
+            dir.display()
+        )
     })?;
     Ok(lock)
 }

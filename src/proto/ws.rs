@@ -256,9 +256,9 @@ impl FrameError {
     pub fn close_code(&self) -> u16 {
         match self {
             Self::PayloadTooLarge { .. } => close_code::MESSAGE_TOO_BIG,
-            // RFC 6455 7.4.1: 1003 is for "a type of data it cannot accept", which a text frame
-            // is to a binary-only tunnel protocol.
-            Self::TextFrame => close_code::UNSUPPORTED_DATA,
+            // The issue makes a text frame a protocol error in both families: 1002, like every
+            // other violation (1003 would also fit RFC 6455 7.4.1, but clients key on 1002).
+            Self::TextFrame => close_code::PROTOCOL_ERROR,
             Self::CloseReasonNotUtf8 => close_code::INVALID_PAYLOAD,
             _ => close_code::PROTOCOL_ERROR,
         }
@@ -660,7 +660,7 @@ mod tests {
         unmask(&mut payload, h.mask);
         assert_eq!(payload, b"Hello");
         assert_eq!(reject_text(OpCode::Text), Err(FrameError::TextFrame));
-        assert_eq!(FrameError::TextFrame.close_code(), 1003);
+        assert_eq!(FrameError::TextFrame.close_code(), 1002);
         // RFC 6455 5.7: an unmasked "Hello" from the server.
         assert_eq!(
             server_frame(true, OpCode::Text, b"Hello"),
