@@ -28,6 +28,12 @@ pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 pub const DEFAULT_DEVICE_PING_INTERVAL_MS: u64 = 20_000;
 /// The lifecycle sweeper runs every second, so expiry is late by at most that.
 pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// TLS handshake plus upgrade request must complete within 10 s (issue 3).
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Relay peers are pinged every 20 s, like localproxy pings us (PROTOCOLS.md).
+pub const DEFAULT_PEER_PING_INTERVAL_MS: u64 = 20_000;
+/// Handshakes in progress per IP: enough for a NATed site, too few to starve others.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 64;
 
 /// A secret string that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -39,12 +45,24 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Flags of `iotunnel server`; every one also reads an `IOTUNNEL_*` environment variable.
-#[derive(Args, Debug, Default, Clone)]
-pub struct ServerArgs {
-    /// TOML configuration file; flags and environment override it.
-    #[arg(long, env = "IOTUNNEL_CONFIG")]
-    pub config: Option<PathBuf>,
+/// How the relay's shards drive I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    /// io_uring only.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+/// The server's settings as flags (each with an `IOTUNNEL_*` environment fallback) and as keys
+/// of the `--config` TOML file; all optional, defaults applied by [`Settings::merge`].
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Knobs {
     /// Directory for the database and TLS material [default: ./iotunnel-data].
     #[arg(long, env = "IOTUNNEL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -75,35 +93,84 @@ pub struct ServerArgs {
     /// Lifecycle sweep interval in milliseconds [default: 1000].
     #[arg(long, env = "IOTUNNEL_SWEEP_INTERVAL_MS")]
     pub sweep_interval_ms: Option<u64>,
+    /// Relay shards (threads) [default: the number of cores].
+    #[arg(long, env = "IOTUNNEL_SHARDS")]
+    pub shards: Option<usize>,
+    /// The relay's I/O driver [default: auto].
+    #[arg(long, env = "IOTUNNEL_IO_DRIVER", value_enum)]
+    pub io_driver: Option<IoDriver>,
+    /// Serve ws:// instead of wss:// (behind a TLS terminator).
+    #[arg(long, env = "IOTUNNEL_RELAY_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub relay_plaintext: Option<bool>,
+    /// PEM certificate chain for the relay [default: {data-dir}/tls/server.pem].
+    #[arg(long, env = "IOTUNNEL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the relay [default: {data-dir}/tls/server.key].
+    #[arg(long, env = "IOTUNNEL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Time allowed for the TLS handshake plus the upgrade request, ms [default: 10000].
+    #[arg(long, env = "IOTUNNEL_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Relay peer ping interval, ms; 3 missed pings drop the peer [default: 20000].
+    #[arg(long, env = "IOTUNNEL_PEER_PING_INTERVAL_MS")]
+    pub peer_ping_interval_ms: Option<u64>,
+    /// Largest WebSocket frame payload, bytes [default: 131076].
+    #[arg(long, env = "IOTUNNEL_MAX_FRAME_PAYLOAD")]
+    pub max_frame_payload: Option<usize>,
+    /// Most Alibaba-family sessions per tunnel [default: 10].
+    #[arg(long, env = "IOTUNNEL_MAX_SESSIONS_PER_TUNNEL")]
+    pub max_sessions_per_tunnel: Option<usize>,
+    /// Most handshakes in progress per client IP [default: 64].
+    #[arg(long, env = "IOTUNNEL_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
+}
+
+impl Knobs {
+    /// Each field from `self`, else from `other`.
+    fn or(self, other: Knobs) -> Knobs {
+        macro_rules! pick {
+            ($($f:ident),*) => { Knobs { $($f: self.$f.or(other.$f),)* } };
+        }
+        pick!(
+            data_dir,
+            api_addr,
+            relay_addr,
+            metrics_addr,
+            public_relay_url,
+            max_lifetime_seconds,
+            max_open_tunnels_per_device,
+            retention_days,
+            device_ping_interval_ms,
+            sweep_interval_ms,
+            shards,
+            io_driver,
+            relay_plaintext,
+            tls_cert,
+            tls_key,
+            handshake_timeout_ms,
+            peer_ping_interval_ms,
+            max_frame_payload,
+            max_sessions_per_tunnel,
+            max_handshakes_per_ip
+        )
+    }
+}
+
+/// Flags of `iotunnel server`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServerArgs {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, env = "IOTUNNEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The settings.
+    #[command(flatten)]
+    pub knobs: Knobs,
 }
 
 /// The `--config` TOML file: the same settings as the flags, all optional.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// See [`ServerArgs::data_dir`].
-    pub data_dir: Option<PathBuf>,
-    /// See [`ServerArgs::api_addr`].
-    pub api_addr: Option<SocketAddr>,
-    /// See [`ServerArgs::relay_addr`].
-    pub relay_addr: Option<SocketAddr>,
-    /// See [`ServerArgs::metrics_addr`].
-    pub metrics_addr: Option<SocketAddr>,
-    /// See [`ServerArgs::public_relay_url`].
-    pub public_relay_url: Option<String>,
-    /// See [`ServerArgs::max_lifetime_seconds`].
-    pub max_lifetime_seconds: Option<u32>,
-    /// See [`ServerArgs::max_open_tunnels_per_device`].
-    pub max_open_tunnels_per_device: Option<u32>,
-    /// See [`ServerArgs::retention_days`].
-    pub retention_days: Option<u32>,
-    /// See [`ServerArgs::device_ping_interval_ms`].
-    pub device_ping_interval_ms: Option<u64>,
-    /// See [`ServerArgs::sweep_interval_ms`].
-    pub sweep_interval_ms: Option<u64>,
-}
+pub type FileConfig = Knobs;
 
-impl FileConfig {
+impl Knobs {
     /// Reads and parses a TOML config file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -183,6 +250,26 @@ pub struct Settings {
     pub device_ping_interval_ms: u64,
     /// Lifecycle sweep interval, milliseconds.
     pub sweep_interval_ms: u64,
+    /// Relay shards.
+    pub shards: usize,
+    /// Relay I/O driver.
+    pub io_driver: IoDriver,
+    /// Serve ws:// instead of wss://.
+    pub relay_plaintext: bool,
+    /// Relay certificate chain (None: the generated one).
+    pub tls_cert: Option<PathBuf>,
+    /// Relay private key (None: the generated one).
+    pub tls_key: Option<PathBuf>,
+    /// TLS handshake plus upgrade deadline, ms.
+    pub handshake_timeout_ms: u64,
+    /// Relay peer ping interval, ms.
+    pub peer_ping_interval_ms: u64,
+    /// Largest WebSocket frame payload.
+    pub max_frame_payload: usize,
+    /// Most Alibaba-family sessions per tunnel.
+    pub max_sessions_per_tunnel: usize,
+    /// Most handshakes in progress per client IP.
+    pub max_handshakes_per_ip: usize,
     /// Admin API key from `IOTUNNEL_ADMIN_KEY`, if set.
     pub admin_key: Option<Secret>,
 }
@@ -195,21 +282,17 @@ impl Settings {
             None => FileConfig::default(),
         };
         let admin_key = std::env::var("IOTUNNEL_ADMIN_KEY").ok().map(Secret);
-        Self::merge(args, file, admin_key)
+        Self::merge(args.knobs.clone(), file, admin_key)
     }
 
-    /// Merges flags over `file` over the defaults, and validates the result.
-    pub fn merge(
-        args: &ServerArgs,
-        file: FileConfig,
-        admin_key: Option<Secret>,
-    ) -> anyhow::Result<Self> {
-        let addr = |flag: Option<SocketAddr>, file: Option<SocketAddr>, default: &str| {
-            flag.or(file)
-                .unwrap_or_else(|| default.parse().expect("default addresses parse"))
+    /// Merges `flags` over `file` over the defaults, and validates the result.
+    pub fn merge(flags: Knobs, file: Knobs, admin_key: Option<Secret>) -> anyhow::Result<Self> {
+        let k = flags.or(file);
+        let addr = |v: Option<SocketAddr>, default: &str| {
+            v.unwrap_or_else(|| default.parse().expect("default addresses parse"))
         };
-        let relay_addr = addr(args.relay_addr, file.relay_addr, DEFAULT_RELAY_ADDR);
-        let public_relay = match args.public_relay_url.clone().or(file.public_relay_url) {
+        let relay_addr = addr(k.relay_addr, DEFAULT_RELAY_ADDR);
+        let public_relay = match k.public_relay_url {
             Some(url) => PublicEndpoint::parse(&url)?,
             None => PublicEndpoint {
                 host: if relay_addr.ip().is_unspecified() {
@@ -220,36 +303,46 @@ impl Settings {
                 port: relay_addr.port(),
             },
         };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let settings = Self {
-            data_dir: args
+            data_dir: k
                 .data_dir
-                .clone()
-                .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            api_addr: addr(args.api_addr, file.api_addr, DEFAULT_API_ADDR),
+            api_addr: addr(k.api_addr, DEFAULT_API_ADDR),
             relay_addr,
-            metrics_addr: addr(args.metrics_addr, file.metrics_addr, DEFAULT_METRICS_ADDR),
+            metrics_addr: addr(k.metrics_addr, DEFAULT_METRICS_ADDR),
             public_relay,
-            max_lifetime_seconds: args
+            max_lifetime_seconds: k
                 .max_lifetime_seconds
-                .or(file.max_lifetime_seconds)
                 .unwrap_or(DEFAULT_MAX_LIFETIME_SECONDS),
-            max_open_tunnels_per_device: args
+            max_open_tunnels_per_device: k
                 .max_open_tunnels_per_device
-                .or(file.max_open_tunnels_per_device)
                 .unwrap_or(DEFAULT_MAX_OPEN_TUNNELS_PER_DEVICE),
-            retention_days: args
-                .retention_days
-                .or(file.retention_days)
-                .unwrap_or(DEFAULT_RETENTION_DAYS),
-            device_ping_interval_ms: args
+            retention_days: k.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS),
+            device_ping_interval_ms: k
                 .device_ping_interval_ms
-                .or(file.device_ping_interval_ms)
                 .unwrap_or(DEFAULT_DEVICE_PING_INTERVAL_MS),
-            sweep_interval_ms: args
-                .sweep_interval_ms
-                .or(file.sweep_interval_ms)
-                .unwrap_or(DEFAULT_SWEEP_INTERVAL_MS),
+            sweep_interval_ms: k.sweep_interval_ms.unwrap_or(DEFAULT_SWEEP_INTERVAL_MS),
+            shards: k.shards.unwrap_or(cores),
+            io_driver: k.io_driver.unwrap_or_default(),
+            relay_plaintext: k.relay_plaintext.unwrap_or(false),
+            tls_cert: k.tls_cert,
+            tls_key: k.tls_key,
+            handshake_timeout_ms: k
+                .handshake_timeout_ms
+                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            peer_ping_interval_ms: k
+                .peer_ping_interval_ms
+                .unwrap_or(DEFAULT_PEER_PING_INTERVAL_MS),
+            max_frame_payload: k
+                .max_frame_payload
+                .unwrap_or(crate::proto::ws::DEFAULT_MAX_PAYLOAD),
+            max_sessions_per_tunnel: k
+                .max_sessions_per_tunnel
+                .unwrap_or(crate::proto::aliyun::DEFAULT_MAX_SESSIONS),
+            max_handshakes_per_ip: k
+                .max_handshakes_per_ip
+                .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_IP),
             admin_key,
         };
         settings.validate()?;
@@ -259,15 +352,15 @@ impl Settings {
     /// Settings for tests: defaults, with every address on 127.0.0.1:0.
     pub fn for_tests(data_dir: PathBuf) -> Self {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-        let args = ServerArgs {
+        let flags = Knobs {
             data_dir: Some(data_dir),
             api_addr: Some(any),
             relay_addr: Some(any),
             metrics_addr: Some(any),
             public_relay_url: Some("localhost:8443".into()),
-            ..ServerArgs::default()
+            ..Knobs::default()
         };
-        Self::merge(&args, FileConfig::default(), None).expect("test settings are valid")
+        Self::merge(flags, Knobs::default(), None).expect("test settings are valid")
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -285,6 +378,21 @@ impl Settings {
         }
         if self.sweep_interval_ms < 10 {
             bail!("sweep_interval_ms must be at least 10");
+        }
+        if !(1..=1024).contains(&self.shards) {
+            bail!("shards must be from 1 to 1024");
+        }
+        if self.handshake_timeout_ms < 10 || self.peer_ping_interval_ms < 10 {
+            bail!("handshake_timeout_ms and peer_ping_interval_ms must be at least 10");
+        }
+        if !(125..=16 << 20).contains(&self.max_frame_payload) {
+            bail!("max_frame_payload must be from 125 to 16 MiB");
+        }
+        if self.max_sessions_per_tunnel == 0 || self.max_handshakes_per_ip == 0 {
+            bail!("max_sessions_per_tunnel and max_handshakes_per_ip must be at least 1");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key go together");
         }
         if let Some(key) = &self.admin_key {
             if key.0.len() < 16 {
@@ -307,8 +415,9 @@ mod tests {
         ))
         .unwrap();
         let file = FileConfig::parse(&text).unwrap();
-        let s = Settings::merge(&ServerArgs::default(), file, None).unwrap();
+        let s = Settings::merge(Knobs::default(), file, None).unwrap();
         assert_eq!(s.max_open_tunnels_per_device, 10);
+        assert_eq!(s.io_driver, IoDriver::Auto);
     }
 
     #[test]
@@ -319,16 +428,16 @@ mod tests {
 
     #[test]
     fn flags_override_file_and_validation_runs() {
-        let args = ServerArgs {
+        let args = Knobs {
             max_open_tunnels_per_device: Some(3),
             ..Default::default()
         };
         let file =
             FileConfig::parse("max_open_tunnels_per_device = 5\nretention_days = 7").unwrap();
-        let s = Settings::merge(&args, file, None).unwrap();
+        let s = Settings::merge(args, file, None).unwrap();
         assert_eq!((s.max_open_tunnels_per_device, s.retention_days), (3, 7));
         let file = FileConfig::parse("max_lifetime_seconds = 5").unwrap();
-        assert!(Settings::merge(&ServerArgs::default(), file, None).is_err());
+        assert!(Settings::merge(Knobs::default(), file, None).is_err());
     }
 
     #[test]
