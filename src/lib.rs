@@ -13,7 +13,7 @@
 //!
 //! The crate is two planes in one binary: the control plane ([`control`], [`store`]) and the
 //! data plane (the relay, which plugs into [`seam`]).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod metrics;
 pub mod proto;
+pub mod relay;
 pub mod seam;
 pub mod server;
 pub mod store;

@@ -102,11 +102,16 @@ pub struct TokenMatch {
 }
 
 /// In-memory index of the OPEN tunnels' tokens, shared by the control plane and every shard.
+///
+/// Tokens of closed tunnels are kept aside until the tunnel is deleted, so the relay can answer
+/// "tunnel closed" (409) rather than "unknown token" (401). They are not rebuilt at start.
 #[derive(Debug)]
 pub struct TunnelIndex {
     shards: usize,
     by_token: DashMap<SecretHash, TokenMatch>,
     by_tunnel: DashMap<Arc<str>, [SecretHash; 2]>,
+    closed_tokens: DashMap<SecretHash, ()>,
+    closed_by_tunnel: DashMap<Arc<str>, [SecretHash; 2]>,
 }
 
 impl TunnelIndex {
@@ -116,6 +121,8 @@ impl TunnelIndex {
             shards: shards.max(1),
             by_token: DashMap::new(),
             by_tunnel: DashMap::new(),
+            closed_tokens: DashMap::new(),
+            closed_by_tunnel: DashMap::new(),
         }
     }
 
@@ -176,13 +183,30 @@ impl TunnelIndex {
         true
     }
 
-    /// Removes a tunnel (closed or deleted); its tokens stop matching at once.
-    pub fn remove(&self, tunnel_id: &str) {
-        if let Some((_, hashes)) = self.by_tunnel.remove(tunnel_id) {
+    /// Marks a tunnel closed: its tokens stop matching at once, and are known as closed.
+    pub fn close(&self, tunnel_id: &str) {
+        if let Some((id, hashes)) = self.by_tunnel.remove(tunnel_id) {
             for h in hashes {
                 self.by_token.remove(&h);
+                self.closed_tokens.insert(h, ());
+            }
+            self.closed_by_tunnel.insert(id, hashes);
+        }
+    }
+
+    /// Forgets a tunnel entirely (deleted), open or closed.
+    pub fn remove(&self, tunnel_id: &str) {
+        self.close(tunnel_id);
+        if let Some((_, hashes)) = self.closed_by_tunnel.remove(tunnel_id) {
+            for h in hashes {
+                self.closed_tokens.remove(&h);
             }
         }
+    }
+
+    /// Whether a token belonged to a tunnel that is now closed.
+    pub fn is_closed_token(&self, token_hash: &SecretHash) -> bool {
+        self.closed_tokens.contains_key(token_hash)
     }
 
     /// Looks up a presented token (hashed by the caller with [`crate::token::hash_secret`]).
@@ -301,9 +325,12 @@ mod tests {
         assert!(idx.rotate("t1", Side::Device, [3; 32]));
         assert!(idx.lookup(&[2; 32]).is_none());
         assert_eq!(&*idx.lookup(&[3; 32]).unwrap().tunnel.tunnel_id, "t1");
-        idx.remove("t1");
+        idx.close("t1");
         assert!(idx.lookup(&[1; 32]).is_none() && idx.lookup(&[3; 32]).is_none());
         assert!(idx.is_empty());
+        assert!(idx.is_closed_token(&[1; 32]) && idx.is_closed_token(&[3; 32]));
+        idx.remove("t1");
+        assert!(!idx.is_closed_token(&[1; 32]));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// Prometheus exporter listener.
     pub metrics: TcpListener,
+    /// One `SO_REUSEPORT` relay listener per shard, all on one port.
+    pub relay: Vec<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -43,6 +45,7 @@ impl Listeners {
         Ok(Self {
             api: bind(settings.api_addr, "api").await?,
             metrics: bind(settings.metrics_addr, "metrics").await?,
+            relay: crate::relay::bind_listeners(settings.relay_addr, settings.shards)?,
         })
     }
 }
@@ -56,10 +59,13 @@ pub struct Server {
     pub api_addr: SocketAddr,
     /// Where the metrics listen.
     pub metrics_addr: SocketAddr,
+    /// Where the relay listens.
+    pub relay_addr: SocketAddr,
     /// The admin API key, when this start created it (to print once).
     pub new_admin_key: Option<String>,
-    /// The data plane's ends of the seam, until the relay takes them.
+    /// The data plane's ends of the seam, when the server runs without its relay.
     pub seam: Option<DataPlaneSeam>,
+    relay: Option<crate::relay::RelayHandle>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     _data_dir_lock: std::fs::File,
@@ -154,9 +160,34 @@ impl Server {
         clock: Arc<dyn Clock>,
         listeners: Listeners,
     ) -> anyhow::Result<Self> {
+        Self::start_inner(settings, clock, listeners, true).await
+    }
+
+    /// Starts the control plane only, leaving the seam in [`Server::seam`] for the caller to
+    /// play the data plane (tests of the seam).
+    pub async fn start_control_plane(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        listeners: Listeners,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(settings, clock, listeners, false).await
+    }
+
+    async fn start_inner(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        listeners: Listeners,
+        with_relay: bool,
+    ) -> anyhow::Result<Self> {
         let data_dir_lock = prepare_data_dir(&settings.data_dir)?;
-        tls::ensure_material(&settings.data_dir, &settings.public_relay.host)
+        let tls_paths = tls::ensure_material(&settings.data_dir, &settings.public_relay.host)
             .context("cannot prepare TLS material")?;
+        let relay_cfg = crate::relay::RelayConfig::from_settings(
+            &settings,
+            &tls_paths.server_cert,
+            &tls_paths.server_key,
+        )
+        .context("cannot load the relay's TLS certificate")?;
         let token_key = load_token_key(&settings.data_dir)?;
         let db = settings.data_dir.join("iotunnel.db");
         let store: Arc<dyn Store> = Arc::new(
@@ -167,13 +198,13 @@ impl Server {
         let new_admin_key = ensure_admin(store.as_ref(), &settings, now).await?;
         store.reset_connections(now).await?;
 
-        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let index = Arc::new(TunnelIndex::new(shards));
+        let index = Arc::new(TunnelIndex::new(settings.shards));
+        let io_driver = settings.io_driver;
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let control = Arc::new(ControlPlane::new(
             store.clone(),
-            clock,
+            clock.clone(),
             settings,
             index.clone(),
             relay_tx,
@@ -206,17 +237,37 @@ impl Server {
             listeners.metrics,
             shutdown_rx,
         )));
-        tracing::info!(%api_addr, %metrics_addr, "control plane listening");
+        let relay_addr = listeners
+            .relay
+            .first()
+            .context("no relay listener")?
+            .local_addr()?;
+        let seam = DataPlaneSeam {
+            index,
+            commands: relay_rx,
+            events: events_tx,
+        };
+        let (seam, relay) = if with_relay {
+            let relay = crate::relay::RelayHandle::start(
+                relay_cfg,
+                io_driver,
+                seam,
+                clock,
+                listeners.relay,
+            )?;
+            (None, Some(relay))
+        } else {
+            (Some(seam), None)
+        };
+        tracing::info!(%api_addr, %metrics_addr, %relay_addr, "listening");
         Ok(Self {
             control,
             api_addr,
             metrics_addr,
+            relay_addr,
             new_admin_key,
-            seam: Some(DataPlaneSeam {
-                index,
-                commands: relay_rx,
-                events: events_tx,
-            }),
+            seam,
+            relay,
             shutdown,
             tasks,
             _data_dir_lock: data_dir_lock,
@@ -225,6 +276,9 @@ impl Server {
 
     /// Stops serving and waits for in-flight requests and background tasks to finish.
     pub async fn shutdown(mut self) {
+        if let Some(relay) = self.relay.take() {
+            let _ = tokio::task::spawn_blocking(move || relay.shutdown()).await;
+        }
         let _ = self.shutdown.send(true);
         self.control.channels.close_all();
         // The persister ends when the last event sender is gone.
@@ -240,22 +294,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM that arrives once we are listening must shut down cleanly.
     let stop = shutdown_signal()?;
     let listeners = Listeners::bind(&settings).await?;
-    let mut server =
-        Server::start(settings, Arc::new(crate::clock::SystemClock), listeners).await?;
+    let server = Server::start(settings, Arc::new(crate::clock::SystemClock), listeners).await?;
     if let Some(key) = &server.new_admin_key {
         println!(
             "Admin API key (shown only once; set IOTUNNEL_ADMIN_KEY to choose your own): {key}"
         );
     }
     println!("iotunnel API listening on http://{}", server.api_addr);
-    // The relay (data plane) plugs into the seam; until it is built, commands are only logged.
-    if let Some(DataPlaneSeam { mut commands, .. }) = server.seam.take() {
-        tokio::spawn(async move {
-            while let Some(cmd) = commands.recv().await {
-                tracing::debug!(?cmd, "relay command (no relay running)");
-            }
-        });
-    }
+    println!("iotunnel relay listening on {}", server.relay_addr);
     stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;

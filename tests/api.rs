@@ -509,6 +509,7 @@ async fn rotate_issues_new_tokens_and_updates_the_index() {
 
 #[tokio::test]
 async fn relay_commands_follow_close_and_rotate() {
+    without_relay();
     let mut t = TestServer::start().await;
     let mut seam = t.server.as_mut().unwrap().seam.take().unwrap();
     let f = t.online_device().await;
@@ -543,6 +544,7 @@ async fn relay_commands_follow_close_and_rotate() {
 
 #[tokio::test]
 async fn connection_events_show_in_describe() {
+    without_relay();
     let mut t = TestServer::start().await;
     let seam = t.server.as_mut().unwrap().seam.take().unwrap();
     let f = t.online_device().await;

@@ -240,7 +240,7 @@ impl ControlPlane {
 
     /// Tells the index, the data plane and the device that a tunnel closed.
     pub fn after_close(&self, t: &Tunnel, reason: CloseReason) {
-        self.index.remove(&t.id);
+        self.index.close(&t.id);
         let _ = self.relay.send(RelayCommand::CloseTunnel {
             tunnel_id: t.id.clone(),
             reason,
@@ -259,6 +259,7 @@ impl ControlPlane {
             .delete_tunnel(account_id.into(), tunnel_id.into())
             .await
             .map_err(|e| ApiError::from_store(e, "tunnel"))?;
+        self.index.remove(tunnel_id);
         tracing::info!(%tunnel_id, "tunnel deleted");
         Ok(())
     }

@@ -19,6 +19,20 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// The admin key every in-process test server is started with.
 pub const ADMIN_KEY: &str = "itk_test-admin-key-0123456789abcdef";
 
+thread_local! {
+    static CONTROL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn control_only() -> bool {
+    CONTROL_ONLY.with(|c| c.get())
+}
+
+/// Starts servers on this thread without their relay, so the test plays the data plane
+/// through `server.seam`.
+pub fn without_relay() {
+    CONTROL_ONLY.with(|c| c.set(true));
+}
+
 /// An in-process server with a manual clock.
 pub struct TestServer {
     pub server: Option<Server>,
@@ -51,9 +65,12 @@ impl TestServer {
         settings.admin_key = Some(Secret(ADMIN_KEY.into()));
         tweak(&mut settings);
         let listeners = Listeners::bind(&settings).await.unwrap();
-        let server = Server::start(settings, Arc::new(clock.clone()), listeners)
-            .await
-            .unwrap();
+        let server = if control_only() {
+            Server::start_control_plane(settings, Arc::new(clock.clone()), listeners).await
+        } else {
+            Server::start(settings, Arc::new(clock.clone()), listeners).await
+        }
+        .unwrap();
         let base = format!("http://{}", server.api_addr);
         Self {
             server: Some(server),

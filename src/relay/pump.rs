@@ -1,0 +1,848 @@
+//! Pairing and pumping: both sides of a tunnel live on its owner shard, and each peer has a
+//! reader (parses and checks its frames, forwards them) and a writer (drains its queues).
+//!
+//! Frames are forwarded frame for frame: a client frame is unmasked in place and its header is
+//! rewritten, in the bytes of its own (4 bytes longer) masked header, as a server header; the
+//! frame then goes to the other side as one contiguous buffer, with no payload copy in user
+//! space beyond what TLS itself needs.
+//!
+//! Backpressure: each peer has a bounded queue of frames to write. A reader whose target queue
+//! is full, or whose other side is absent, stops reading: nothing is ever dropped silently.
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+use super::upgrade::{Conn, Upgrade, CIPHER_READ};
+use super::{sys, ShardCtx};
+use crate::proto::aliyun::{self, FrameType};
+use crate::proto::aws::{self, BoundaryTracker, MessageType, ProtocolVersion};
+use crate::proto::ws::{self, close_code, FragmentTracker, OpCode};
+use crate::seam::{ConnectionEventKind, Family, IndexedTunnel, RelayCommand, Side};
+
+/// Frames queued for one peer before its senders stop reading: with 131 KiB frames at most,
+/// a few MiB per direction.
+const QUEUE_FRAMES: usize = 32;
+/// How long a closing peer gets to take its close frame before its socket is shut.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Pings a peer may miss before it is dropped (issue 3).
+const MISSED_PINGS: u32 = 3;
+/// Bytes read per plaintext read call.
+const PLAIN_READ: usize = 64 * 1024;
+
+type Tls = Rc<RefCell<rustls::ServerConnection>>;
+
+fn slot_of(side: Side) -> usize {
+    match side {
+        Side::Device => 0,
+        Side::Client => 1,
+    }
+}
+
+fn other(side: Side) -> Side {
+    match side {
+        Side::Device => Side::Client,
+        Side::Client => Side::Device,
+    }
+}
+
+/// Microseconds since the process's first ping: the payload of our pings.
+fn ping_clock_us() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Something for a peer's writer besides forwarded frames; served first.
+enum Ctl {
+    /// A whole frame of our own (pong, ping, SERVICE_IDS, relay answers).
+    Frame(Vec<u8>),
+    /// The TLS session has records to send (alerts, key updates).
+    FlushTls,
+    /// Send a close frame and end the connection.
+    Close(u16, String),
+}
+
+/// One connection of one side.
+struct Peer {
+    id: u64,
+    side: Side,
+    fd: RawFd,
+    family: Family,
+    aws_version: Option<ProtocolVersion>,
+    data: mpsc::Sender<Bytes>,
+    ctl: mpsc::UnboundedSender<Ctl>,
+    closing: Cell<bool>,
+    end_reason: Cell<&'static str>,
+    ending: Notify,
+    last_pong: Cell<Instant>,
+    srtt_us: Cell<Option<u64>>,
+}
+
+impl Peer {
+    /// Starts closing with a close frame; `label` is the disconnect reason reported.
+    fn end(self: &Rc<Self>, code: u16, reason: &str, label: &'static str) {
+        if self.closing.replace(true) {
+            return;
+        }
+        self.end_reason.set(label);
+        let _ = self.ctl.send(Ctl::Close(code, reason.to_string()));
+        self.ending.notify_waiters();
+        // A frozen peer never takes its close frame: shut the socket after a grace period.
+        let fd = self.fd;
+        let me = Rc::downgrade(self);
+        monoio::spawn(async move {
+            monoio::time::sleep(CLOSE_GRACE).await;
+            if me.upgrade().is_some() {
+                sys::shutdown_both(fd);
+            }
+        });
+    }
+
+    fn send_ctl_frame(&self, frame: Vec<u8>) {
+        let _ = self.ctl.send(Ctl::Frame(frame));
+    }
+}
+
+#[derive(Default)]
+struct AliyunSessions {
+    next: u64,
+    /// session id -> (creating frame id, service type, answered by the device)
+    open: HashMap<String, (i64, Option<String>, bool)>,
+}
+
+/// A tunnel on its owner shard.
+struct Slot {
+    tunnel: Arc<IndexedTunnel>,
+    peers: [RefCell<Option<Rc<Peer>>>; 2],
+    arrived: [Notify; 2],
+    /// AWS: service id -> open stream id (for STREAM_RESET when a side goes away).
+    aws_streams: RefCell<HashMap<String, (i32, u32)>>,
+    aliyun: RefCell<AliyunSessions>,
+}
+
+/// A shard's tunnels.
+pub struct Shard {
+    ctx: Rc<ShardCtx>,
+    tunnels: RefCell<HashMap<Arc<str>, Rc<Slot>>>,
+    next_peer: Cell<u64>,
+}
+
+/// What to do with an Alibaba frame.
+enum Aliyun {
+    /// Forward it unchanged.
+    Forward,
+    /// Forward this frame instead (session_create with the relay's session id).
+    Rewritten(Vec<u8>),
+    /// The relay answered it; forward nothing.
+    Answered,
+}
+
+/// Why a reader stopped: the label reported, and the close frame to send if any.
+struct Stop {
+    label: &'static str,
+    close: Option<(u16, String)>,
+}
+
+impl Stop {
+    fn quiet(label: &'static str) -> Self {
+        Self { label, close: None }
+    }
+
+    fn violation(code: u16, label: &'static str) -> Self {
+        Self {
+            label: "protocol_error",
+            close: Some((code, label.to_string())),
+        }
+    }
+}
+
+impl From<aws::StreamError> for Stop {
+    fn from(e: aws::StreamError) -> Self {
+        Stop::violation(e.close_code(), e.label())
+    }
+}
+
+impl From<aws::Violation> for Stop {
+    fn from(e: aws::Violation) -> Self {
+        Stop::violation(e.close_code(), e.label())
+    }
+}
+
+impl Shard {
+    /// A shard with no tunnels.
+    pub fn new(ctx: Rc<ShardCtx>) -> Self {
+        Self {
+            ctx,
+            tunnels: RefCell::new(HashMap::new()),
+            next_peer: Cell::new(1),
+        }
+    }
+
+    fn slot_for(&self, tunnel: &Arc<IndexedTunnel>) -> Rc<Slot> {
+        self.tunnels
+            .borrow_mut()
+            .entry(tunnel.tunnel_id.clone())
+            .or_insert_with(|| {
+                Rc::new(Slot {
+                    tunnel: tunnel.clone(),
+                    peers: Default::default(),
+                    arrived: Default::default(),
+                    aws_streams: RefCell::default(),
+                    aliyun: RefCell::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Takes over an upgraded connection: pairs it, replacing an older one of its side.
+    pub fn adopt(self: &Rc<Self>, conn: Conn, up: Upgrade) {
+        let slot = self.slot_for(&up.tunnel);
+        let Conn {
+            stream,
+            tls,
+            buffered,
+            peer: addr,
+        } = conn;
+        let fd = stream.as_raw_fd();
+        let (data_tx, data_rx) = mpsc::channel(QUEUE_FRAMES);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let id = self.next_peer.replace(self.next_peer.get() + 1);
+        let peer = Rc::new(Peer {
+            id,
+            side: up.side,
+            fd,
+            family: up.family,
+            aws_version: up.aws_version,
+            data: data_tx,
+            ctl: ctl_tx,
+            closing: Cell::new(false),
+            end_reason: Cell::new("peer_gone"),
+            ending: Notify::new(),
+            last_pong: Cell::new(Instant::now()),
+            srtt_us: Cell::new(None),
+        });
+        if up.aws_version.is_some_and(|v| v.has_service_ids()) {
+            if let Ok(frame) = aws::server_frame(&aws::service_ids_message(&slot.tunnel.services)) {
+                peer.send_ctl_frame(frame);
+            }
+        }
+        let old = slot.peers[slot_of(up.side)].replace(Some(peer.clone()));
+        if let Some(old) = old {
+            old.end(
+                close_code::NORMAL,
+                "replaced by a newer connection",
+                "replaced",
+            );
+            self.side_left(&slot, &old);
+        }
+        slot.arrived[slot_of(up.side)].notify_waiters();
+        self.ctx.event(
+            &slot.tunnel.tunnel_id,
+            up.side,
+            ConnectionEventKind::Connected {
+                addr: addr.to_string(),
+            },
+        );
+        tracing::debug!(tunnel_id = %slot.tunnel.tunnel_id, side = up.side.as_str(), %addr, "peer connected");
+
+        let tls = tls.map(|b| Rc::new(RefCell::new(*b)));
+        let (read, write) = stream.into_split();
+        monoio::spawn(write_loop(
+            peer.clone(),
+            write,
+            tls.clone(),
+            data_rx,
+            ctl_rx,
+        ));
+        monoio::spawn(pinger(peer.clone(), self.ctx.clone()));
+        monoio::spawn(self.clone().serve_reader(slot, peer, read, tls, buffered));
+    }
+
+    async fn serve_reader(
+        self: Rc<Self>,
+        slot: Rc<Slot>,
+        peer: Rc<Peer>,
+        read: OwnedReadHalf<TcpStream>,
+        tls: Option<Tls>,
+        buffered: BytesMut,
+    ) {
+        let stop = self.read_loop(&slot, &peer, read, tls, buffered).await;
+        match &stop.close {
+            Some((code, reason)) => peer.end(*code, reason, stop.label),
+            None => peer.end(close_code::NORMAL, "", stop.label),
+        }
+        let label = peer.end_reason.get();
+        let current = slot.peers[slot_of(peer.side)]
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| p.id == peer.id);
+        if current {
+            slot.peers[slot_of(peer.side)].replace(None);
+            self.side_left(&slot, &peer);
+        }
+        self.ctx.event(
+            &slot.tunnel.tunnel_id,
+            peer.side,
+            ConnectionEventKind::Disconnected {
+                reason: label.to_string(),
+            },
+        );
+        tracing::debug!(tunnel_id = %slot.tunnel.tunnel_id, side = peer.side.as_str(), reason = label, "peer disconnected");
+        if slot.peers.iter().all(|p| p.borrow().is_none()) {
+            self.tunnels.borrow_mut().remove(&slot.tunnel.tunnel_id);
+        }
+    }
+
+    /// Tells the other side what the leaving side had open.
+    fn side_left(&self, slot: &Slot, gone: &Peer) {
+        let Some(other_peer) = slot.peers[slot_of(other(gone.side))].borrow().clone() else {
+            slot.aws_streams.borrow_mut().clear();
+            slot.aliyun.borrow_mut().open.clear();
+            return;
+        };
+        match gone.family {
+            Family::Aws => {
+                for (service_id, (stream_id, connection_id)) in
+                    slot.aws_streams.borrow_mut().drain()
+                {
+                    let msg = aws::stream_reset_message(stream_id, &service_id, connection_id);
+                    if let Ok(frame) = aws::server_frame(&msg) {
+                        queue_frame(&other_peer, Bytes::from(frame));
+                    }
+                }
+            }
+            Family::Aliyun => {
+                let code = match gone.side {
+                    Side::Client => aliyun::release_code::CLIENT_DISCONNECTED,
+                    Side::Device => aliyun::release_code::DEVICE_DISCONNECTED,
+                };
+                let mut sessions = slot.aliyun.borrow_mut();
+                for (sid, (frame_id, _, _)) in sessions.open.drain() {
+                    if let Ok(f) =
+                        aliyun::session_release(&sid, frame_id, code, "peer disconnected")
+                    {
+                        queue_frame(
+                            &other_peer,
+                            Bytes::from(ws::server_frame(true, OpCode::Binary, &f)),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Executes a control-plane command for a tunnel of this shard.
+    pub fn command(&self, cmd: RelayCommand) {
+        match cmd {
+            RelayCommand::CloseTunnel { tunnel_id, reason } => {
+                let slot = self.tunnels.borrow().get(tunnel_id.as_str()).cloned();
+                if let Some(slot) = slot {
+                    for p in slot.peers.iter().filter_map(|p| p.borrow().clone()) {
+                        p.end(
+                            close_code::NORMAL,
+                            &format!("tunnel {}", reason.as_str()),
+                            reason_label(reason),
+                        );
+                    }
+                }
+            }
+            RelayCommand::DisconnectSide { tunnel_id, side } => {
+                let slot = self.tunnels.borrow().get(tunnel_id.as_str()).cloned();
+                if let Some(p) = slot.and_then(|s| s.peers[slot_of(side)].borrow().clone()) {
+                    p.end(
+                        close_code::POLICY_VIOLATION,
+                        "access token rotated",
+                        "rotated",
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ends every connection (shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        let slots: Vec<_> = self.tunnels.borrow().values().cloned().collect();
+        for slot in slots {
+            for p in slot.peers.iter().filter_map(|p| p.borrow().clone()) {
+                p.end(code, reason, "shutdown");
+            }
+        }
+    }
+
+    async fn read_loop(
+        &self,
+        slot: &Rc<Slot>,
+        peer: &Rc<Peer>,
+        mut read: OwnedReadHalf<TcpStream>,
+        tls: Option<Tls>,
+        mut buf: BytesMut,
+    ) -> Stop {
+        let max = self.ctx.cfg.max_frame_payload;
+        let mut fragments = FragmentTracker::new();
+        let mut aws_tracker = BoundaryTracker::new();
+        let mut cipher: Vec<u8> = Vec::with_capacity(if tls.is_some() { CIPHER_READ } else { 0 });
+        loop {
+            loop {
+                let hdr = match ws::parse_client_header(&buf, max) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => return Stop::violation(e.close_code(), e.label()),
+                };
+                let frame_len = hdr.frame_len();
+                if buf.len() < frame_len {
+                    buf.reserve(frame_len - buf.len());
+                    break;
+                }
+                let mut frame = buf.split_to(frame_len);
+                ws::unmask(&mut frame[hdr.header_len..], hdr.mask);
+                match hdr.opcode {
+                    OpCode::Ping => match ws::pong_frame(&frame[hdr.header_len..]) {
+                        Ok(pong) => peer.send_ctl_frame(pong),
+                        Err(e) => return Stop::violation(e.close_code(), e.label()),
+                    },
+                    OpCode::Pong => self.on_pong(slot, peer, &frame[hdr.header_len..]),
+                    OpCode::Close => return Stop::quiet("closed_by_peer"),
+                    _ => {
+                        let message_op = match fragments.on_frame(&hdr) {
+                            Ok(op) => op,
+                            Err(e) => return Stop::violation(e.close_code(), e.label()),
+                        };
+                        if let Err(e) = ws::reject_text(message_op) {
+                            return Stop::violation(e.close_code(), e.label());
+                        }
+                        let forward = match peer.family {
+                            Family::Aws => {
+                                if let Err(stop) = self.inspect_aws(
+                                    slot,
+                                    peer,
+                                    &mut aws_tracker,
+                                    &frame[hdr.header_len..],
+                                ) {
+                                    return stop;
+                                }
+                                true
+                            }
+                            Family::Aliyun => {
+                                if !hdr.fin || hdr.opcode == OpCode::Continuation {
+                                    return Stop::violation(
+                                        close_code::PROTOCOL_ERROR,
+                                        "aliyun_fragmented_frame",
+                                    );
+                                }
+                                match self.inspect_aliyun(slot, peer, &frame[hdr.header_len..]) {
+                                    Ok(Aliyun::Rewritten(rewritten)) => {
+                                        if !forward_frame(slot, peer, Bytes::from(rewritten)).await
+                                        {
+                                            return Stop::quiet(peer.end_reason.get());
+                                        }
+                                        false
+                                    }
+                                    Ok(Aliyun::Answered) => false,
+                                    Ok(Aliyun::Forward) => true,
+                                    Err(stop) => return stop,
+                                }
+                            }
+                        };
+                        if forward {
+                            let start = match ws::write_header_before(
+                                &mut frame,
+                                hdr.header_len,
+                                hdr.fin,
+                                hdr.opcode,
+                                hdr.payload_len,
+                            ) {
+                                Ok(start) => start,
+                                Err(_) => {
+                                    return Stop::violation(
+                                        close_code::INTERNAL_ERROR,
+                                        "header_rewrite",
+                                    )
+                                }
+                            };
+                            frame.advance(start);
+                            if !forward_frame(slot, peer, frame.freeze()).await {
+                                return Stop::quiet(peer.end_reason.get());
+                            }
+                        }
+                    }
+                }
+            }
+            if peer.closing.get() {
+                return Stop::quiet(peer.end_reason.get());
+            }
+            // Read more.
+            match &tls {
+                None => {
+                    buf.reserve(PLAIN_READ);
+                    let len = buf.len();
+                    let cap = buf.capacity();
+                    let (res, slice) = read
+                        .read(monoio::buf::IoBufMut::slice_mut(buf, len..cap))
+                        .await;
+                    buf = slice.into_inner();
+                    match res {
+                        Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
+                        Ok(_) => {}
+                    }
+                }
+                Some(tls) => {
+                    let (res, c) = read.read(std::mem::take(&mut cipher)).await;
+                    cipher = c;
+                    let n = match res {
+                        Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
+                        Ok(n) => n,
+                    };
+                    let mut session = tls.borrow_mut();
+                    let wants_write = match super::tls::absorb(&mut session, &cipher[..n]) {
+                        Ok(w) => w,
+                        Err(_) => return Stop::quiet("tls_error"),
+                    };
+                    let open = super::tls::drain_plaintext(&mut session, &mut buf);
+                    drop(session);
+                    cipher.clear();
+                    if wants_write {
+                        let _ = peer.ctl.send(Ctl::FlushTls);
+                    }
+                    if !open {
+                        return Stop::quiet("peer_gone");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_pong(&self, slot: &Slot, peer: &Peer, payload: &[u8]) {
+        peer.last_pong.set(Instant::now());
+        let Ok(sent) = <[u8; 8]>::try_from(payload) else {
+            return;
+        };
+        let rtt = ping_clock_us().saturating_sub(u64::from_be_bytes(sent));
+        // RFC 6298 smoothing: srtt = 7/8 srtt + 1/8 rtt.
+        let srtt = peer.srtt_us.get().map_or(rtt, |s| (7 * s + rtt) / 8);
+        peer.srtt_us.set(Some(srtt));
+        self.ctx.event(
+            &slot.tunnel.tunnel_id,
+            peer.side,
+            ConnectionEventKind::Rtt {
+                last_us: rtt,
+                smoothed_us: srtt,
+            },
+        );
+    }
+
+    fn inspect_aws(
+        &self,
+        slot: &Slot,
+        peer: &Peer,
+        tracker: &mut BoundaryTracker,
+        payload: &[u8],
+    ) -> Result<(), Stop> {
+        let from = match peer.side {
+            Side::Client => aws::Side::Source,
+            Side::Device => aws::Side::Destination,
+        };
+        let version = peer.aws_version.unwrap_or(ProtocolVersion::V3);
+        tracker.feed(payload, |_, header| {
+            let kind = aws::check_message(header, from, version, &slot.tunnel.services)?;
+            if header.payload_len > aws::MAX_PAYLOAD {
+                return Err(Stop::violation(
+                    close_code::MESSAGE_TOO_BIG,
+                    "message_too_large",
+                ));
+            }
+            let service = header.service_id().unwrap_or_default().to_string();
+            match kind {
+                MessageType::StreamStart => {
+                    slot.aws_streams.borrow_mut().insert(
+                        service,
+                        (header.stream_id, header.effective_connection_id()),
+                    );
+                }
+                MessageType::StreamReset => {
+                    slot.aws_streams.borrow_mut().remove(&service);
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+    }
+
+    /// Checks an Alibaba frame and says what to do with it.
+    fn inspect_aliyun(
+        &self,
+        slot: &Rc<Slot>,
+        peer: &Rc<Peer>,
+        payload: &[u8],
+    ) -> Result<Aliyun, Stop> {
+        let frame =
+            aliyun::parse_frame(payload).map_err(|e| Stop::violation(e.close_code(), e.label()))?;
+        let h = &frame.header;
+        match (peer.side, h.frame_type) {
+            (Side::Client, FrameType::SessionCreate) => {
+                let mut sessions = slot.aliyun.borrow_mut();
+                if sessions.open.len() >= self.ctx.cfg.max_sessions {
+                    let answer = aliyun::common_response(
+                        None,
+                        h.frame_id,
+                        h.service_type.as_deref(),
+                        aliyun::response_code::SESSION_LIMIT,
+                        "session limit reached",
+                    );
+                    if let Ok(answer) = answer {
+                        peer.send_ctl_frame(ws::server_frame(true, OpCode::Binary, &answer));
+                    }
+                    return Ok(Aliyun::Answered);
+                }
+                sessions.next += 1;
+                let sid = format!(
+                    "{}-{}",
+                    &slot.tunnel.tunnel_id[..8.min(slot.tunnel.tunnel_id.len())],
+                    sessions.next
+                );
+                sessions
+                    .open
+                    .insert(sid.clone(), (h.frame_id, h.service_type.clone(), false));
+                drop(sessions);
+                let mut header = h.clone();
+                header.session_id = Some(sid.clone());
+                let rewritten = aliyun::server_frame(&header, frame.payload)
+                    .map_err(|e| Stop::violation(e.close_code(), e.label()))?;
+                monoio::spawn(session_timeout(
+                    slot.clone(),
+                    peer.clone(),
+                    sid,
+                    h.frame_id,
+                    h.service_type.clone(),
+                    self.ctx.cfg.session_create_timeout,
+                ));
+                Ok(Aliyun::Rewritten(rewritten))
+            }
+            (Side::Device, FrameType::SessionCreate) => Err(Stop::violation(
+                close_code::POLICY_VIOLATION,
+                "session_create_from_device",
+            )),
+            (Side::Device, FrameType::CommonResponse) => {
+                if let Some(sid) = &h.session_id {
+                    let ok = aliyun::parse_response_payload(frame.payload)
+                        .map(|r| r.code == aliyun::response_code::SUCCESS)
+                        .unwrap_or(false);
+                    let mut sessions = slot.aliyun.borrow_mut();
+                    if ok {
+                        if let Some(s) = sessions.open.get_mut(sid) {
+                            s.2 = true;
+                        }
+                    } else {
+                        sessions.open.remove(sid);
+                    }
+                }
+                Ok(Aliyun::Forward)
+            }
+            (_, FrameType::SessionRelease) => {
+                if let Some(sid) = &h.session_id {
+                    slot.aliyun.borrow_mut().open.remove(sid);
+                }
+                Ok(Aliyun::Forward)
+            }
+            _ => Ok(Aliyun::Forward),
+        }
+    }
+}
+
+fn reason_label(reason: crate::seam::CloseReason) -> &'static str {
+    reason.as_str()
+}
+
+/// Queues a frame for `peer` without waiting (relay-generated messages): a full queue drops
+/// the oldest guarantee we can keep, so it is logged.
+fn queue_frame(peer: &Peer, frame: Bytes) {
+    if peer.data.try_send(frame).is_err() {
+        tracing::warn!("peer queue full; relay message not delivered");
+    }
+}
+
+/// Forwards a frame to the other side, waiting while it is absent or its queue is full.
+/// Returns false when `me` is ending.
+async fn forward_frame(slot: &Slot, me: &Rc<Peer>, mut frame: Bytes) -> bool {
+    let target_slot = slot_of(other(me.side));
+    loop {
+        if me.closing.get() {
+            return false;
+        }
+        let target = slot.peers[target_slot].borrow().clone();
+        match target {
+            Some(target) if !target.closing.get() => {
+                let ending = me.ending.notified();
+                monoio::select! {
+                    sent = target.data.send(frame.clone()) => match sent {
+                        Ok(()) => return true,
+                        Err(mpsc::error::SendError(f)) => frame = f,
+                    },
+                    _ = ending => return false,
+                }
+            }
+            _ => {
+                let arrived = slot.arrived[target_slot].notified();
+                let ending = me.ending.notified();
+                let mut arrived = std::pin::pin!(arrived);
+                arrived.as_mut().enable();
+                let present = slot.peers[target_slot]
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|p| !p.closing.get());
+                if present {
+                    continue;
+                }
+                monoio::select! {
+                    _ = arrived => {},
+                    _ = ending => return false,
+                }
+            }
+        }
+    }
+}
+
+async fn session_timeout(
+    slot: Rc<Slot>,
+    client: Rc<Peer>,
+    sid: String,
+    frame_id: i64,
+    service_type: Option<String>,
+    after: Duration,
+) {
+    monoio::time::sleep(after).await;
+    let unanswered = matches!(slot.aliyun.borrow().open.get(&sid), Some((_, _, false)));
+    if unanswered && !client.closing.get() {
+        slot.aliyun.borrow_mut().open.remove(&sid);
+        if let Ok(answer) = aliyun::common_response(
+            Some(&sid),
+            frame_id,
+            service_type.as_deref(),
+            aliyun::response_code::TIMEOUT,
+            "the device did not answer in time",
+        ) {
+            client.send_ctl_frame(ws::server_frame(true, OpCode::Binary, &answer));
+        }
+    }
+}
+
+async fn pinger(peer: Rc<Peer>, ctx: Rc<ShardCtx>) {
+    let interval = ctx.cfg.ping_interval;
+    loop {
+        monoio::time::sleep(interval).await;
+        if peer.closing.get() {
+            return;
+        }
+        if peer.last_pong.get().elapsed() >= interval * MISSED_PINGS {
+            peer.end(close_code::GOING_AWAY, "ping timeout", "ping_timeout");
+            return;
+        }
+        if let Ok(ping) = ws::ping_frame(&ping_clock_us().to_be_bytes()) {
+            peer.send_ctl_frame(ping);
+        }
+    }
+}
+
+/// Encrypts `frames` (and a close_notify when `closing`) into `out`.
+fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bool {
+    let mut session = tls.borrow_mut();
+    let mut ok = frames.iter().all(|f| super::tls::seal(&mut session, f, out).is_ok());
+    if closing {
+        session.send_close_notify();
+        ok &= super::tls::seal(&mut session, &[], out).is_ok();
+    }
+    ok
+}
+
+/// Writes everything queued, then waits: control frames first, then forwarded frames.
+async fn write_loop(
+    peer: Rc<Peer>,
+    mut write: OwnedWriteHalf<TcpStream>,
+    tls: Option<Tls>,
+    mut data: mpsc::Receiver<Bytes>,
+    mut ctl: mpsc::UnboundedReceiver<Ctl>,
+) {
+    let mut sealed: Vec<u8> = Vec::new();
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        let mut closing = None;
+        let mut frames: Vec<Bytes> = Vec::new();
+        while let Ok(c) = ctl.try_recv() {
+            match c {
+                Ctl::Frame(f) => frames.push(Bytes::from(f)),
+                Ctl::FlushTls => {}
+                Ctl::Close(code, reason) => {
+                    closing = Some(ws::close_frame(code, &reason));
+                    break;
+                }
+            }
+        }
+        if closing.is_none() {
+            while batch.len() < 64 {
+                match data.try_recv() {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+            frames.append(&mut batch);
+        }
+        if let Some(close) = &closing {
+            frames.push(Bytes::from(close.clone()));
+        }
+        if frames.is_empty() {
+            monoio::select! {
+                c = ctl.recv() => match c {
+                    Some(Ctl::Frame(f)) => frames.push(Bytes::from(f)),
+                    Some(Ctl::FlushTls) => {}
+                    Some(Ctl::Close(code, reason)) => {
+                        let f = ws::close_frame(code, &reason);
+                        frames.push(Bytes::from(f.clone()));
+                        closing = Some(f);
+                    }
+                    None => return,
+                },
+                d = data.recv() => match d {
+                    Some(f) => frames.push(f),
+                    None => return,
+                },
+            }
+        }
+        let ok = match &tls {
+            Some(tls) => {
+                sealed.clear();
+                let ok = seal_all(tls, &frames, closing.is_some(), &mut sealed);
+                if ok && !sealed.is_empty() {
+                    let (res, buf) = write.write_all(std::mem::take(&mut sealed)).await;
+                    sealed = buf;
+                    res.is_ok()
+                } else {
+                    ok
+                }
+            }
+            None => {
+                let mut ok = true;
+                for f in frames {
+                    let (res, _) = write.write_all(f).await;
+                    if res.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                ok
+            }
+        };
+        if !ok || closing.is_some() {
+            sys::shutdown_both(peer.fd);
+            if !ok {
+                peer.end(close_code::GOING_AWAY, "", "write_failed");
+            }
+            return;
+        }
+    }
+}

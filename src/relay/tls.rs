@@ -1,0 +1,72 @@
+//! TLS for the relay: rustls (TLS 1.2 and 1.3 only) driven by hand over monoio's owned-buffer
+//! I/O, so the session state can travel with its socket in a hand-off.
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+/// Builds the relay's TLS configuration from PEM files.
+pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read certificate {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("invalid certificate {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read private key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("certificate and key do not match")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Feeds received ciphertext to the session; returns whether it wants to write (alerts,
+/// handshake messages, key updates).
+pub fn absorb(conn: &mut rustls::ServerConnection, mut cipher: &[u8]) -> std::io::Result<bool> {
+    while !cipher.is_empty() {
+        conn.read_tls(&mut cipher)?;
+        conn.process_new_packets()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    }
+    Ok(conn.wants_write())
+}
+
+/// Moves the session's decrypted bytes into `out`; returns false once the peer sent
+/// close_notify.
+pub fn drain_plaintext(conn: &mut rustls::ServerConnection, out: &mut bytes::BytesMut) -> bool {
+    /// Room made per read: one TLS record's plaintext at most.
+    const STEP: usize = 16 * 1024;
+    loop {
+        let len = out.len();
+        out.resize(len + STEP, 0);
+        let got = conn.reader().read(&mut out[len..]);
+        out.truncate(len + *got.as_ref().unwrap_or(&0));
+        match got {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(_) => return true, // WouldBlock: nothing more buffered.
+        }
+    }
+}
+
+/// Encrypts `plain` (if any) and appends every pending TLS record to `out`.
+pub fn seal(
+    conn: &mut rustls::ServerConnection,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if !plain.is_empty() {
+        conn.writer().write_all(plain)?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(out)?;
+    }
+    Ok(())
+}
