@@ -83,6 +83,8 @@ struct Peer {
     ending: Notify,
     last_pong: Cell<Instant>,
     srtt_us: Cell<Option<u64>>,
+    /// Halves of the socket still alive; the fd stays open (and ours) while any is.
+    halves: Cell<u8>,
 }
 
 impl Peer {
@@ -94,13 +96,13 @@ impl Peer {
         self.end_reason.set(label);
         let _ = self.ctl.send(Ctl::Close(code, reason.to_string()));
         self.ending.notify_waiters();
-        // A frozen peer never takes its close frame: shut the socket after a grace period.
-        let fd = self.fd;
-        let me = Rc::downgrade(self);
+        // A frozen peer never takes its close frame: shut the socket after a grace period,
+        // but only while a half still holds the fd open (a closed fd number may be reused).
+        let me = self.clone();
         monoio::spawn(async move {
             monoio::time::sleep(CLOSE_GRACE).await;
-            if me.upgrade().is_some() {
-                sys::shutdown_both(fd);
+            if me.halves.get() > 0 {
+                sys::shutdown_both(me.fd);
             }
         });
     }
@@ -227,6 +229,7 @@ impl Shard {
             ending: Notify::new(),
             last_pong: Cell::new(Instant::now()),
             srtt_us: Cell::new(None),
+            halves: Cell::new(2),
         });
         if up.aws_version.is_some_and(|v| v.has_service_ids()) {
             if let Ok(frame) = aws::server_frame(&aws::service_ids_message(&slot.tunnel.services)) {
@@ -274,6 +277,7 @@ impl Shard {
         buffered: BytesMut,
     ) {
         let stop = self.read_loop(&slot, &peer, read, tls, buffered).await;
+        peer.halves.set(peer.halves.get() - 1);
         match &stop.close {
             Some((code, reason)) => peer.end(*code, reason, stop.label),
             None => peer.end(close_code::NORMAL, "", stop.label),
@@ -752,7 +756,9 @@ async fn pinger(peer: Rc<Peer>, ctx: Rc<ShardCtx>) {
 /// Encrypts `frames` (and a close_notify when `closing`) into `out`.
 fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bool {
     let mut session = tls.borrow_mut();
-    let mut ok = frames.iter().all(|f| super::tls::seal(&mut session, f, out).is_ok());
+    let mut ok = frames
+        .iter()
+        .all(|f| super::tls::seal(&mut session, f, out).is_ok());
     if closing {
         session.send_close_notify();
         ok &= super::tls::seal(&mut session, &[], out).is_ok();
@@ -763,6 +769,17 @@ fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bo
 /// Writes everything queued, then waits: control frames first, then forwarded frames.
 async fn write_loop(
     peer: Rc<Peer>,
+    write: OwnedWriteHalf<TcpStream>,
+    tls: Option<Tls>,
+    data: mpsc::Receiver<Bytes>,
+    ctl: mpsc::UnboundedReceiver<Ctl>,
+) {
+    write_frames(&peer, write, tls, data, ctl).await;
+    peer.halves.set(peer.halves.get() - 1);
+}
+
+async fn write_frames(
+    peer: &Rc<Peer>,
     mut write: OwnedWriteHalf<TcpStream>,
     tls: Option<Tls>,
     mut data: mpsc::Receiver<Bytes>,
