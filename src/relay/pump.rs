@@ -287,10 +287,13 @@ impl Shard {
             .borrow()
             .as_ref()
             .is_some_and(|p| p.id == peer.id);
-        if current {
-            slot.peers[slot_of(peer.side)].replace(None);
-            self.side_left(&slot, &peer);
+        if !current {
+            // Replaced: the newer connection's state is what describe must show.
+            tracing::debug!(tunnel_id = %slot.tunnel.tunnel_id, side = peer.side.as_str(), "replaced peer left");
+            return;
         }
+        slot.peers[slot_of(peer.side)].replace(None);
+        self.side_left(&slot, &peer);
         self.ctx.event(
             &slot.tunnel.tunnel_id,
             peer.side,
@@ -503,13 +506,11 @@ impl Shard {
                         Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
                         Ok(n) => n,
                     };
-                    let mut session = tls.borrow_mut();
-                    let wants_write = match super::tls::absorb(&mut session, &cipher[..n]) {
-                        Ok(w) => w,
-                        Err(_) => return Stop::quiet("tls_error"),
+                    let absorbed =
+                        super::tls::absorb(&mut tls.borrow_mut(), &cipher[..n], &mut buf);
+                    let Ok((wants_write, open)) = absorbed else {
+                        return Stop::quiet("tls_error");
                     };
-                    let open = super::tls::drain_plaintext(&mut session, &mut buf);
-                    drop(session);
                     cipher.clear();
                     if wants_write {
                         let _ = peer.ctl.send(Ctl::FlushTls);

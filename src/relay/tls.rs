@@ -27,20 +27,28 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig
     Ok(Arc::new(config))
 }
 
-/// Feeds received ciphertext to the session; returns whether it wants to write (alerts,
-/// handshake messages, key updates).
-pub fn absorb(conn: &mut rustls::ServerConnection, mut cipher: &[u8]) -> std::io::Result<bool> {
+/// Feeds received ciphertext to the session and moves the decrypted bytes into `out`, record
+/// by record (rustls holds at most a few records of plaintext, so it must be drained as it
+/// goes). Returns whether the session wants to write (alerts, handshake messages, key updates)
+/// and whether it is still open (no close_notify seen).
+pub fn absorb(
+    conn: &mut rustls::ServerConnection,
+    mut cipher: &[u8],
+    out: &mut bytes::BytesMut,
+) -> std::io::Result<(bool, bool)> {
+    let mut open = true;
     while !cipher.is_empty() {
         conn.read_tls(&mut cipher)?;
         conn.process_new_packets()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        open &= drain_plaintext(conn, out);
     }
-    Ok(conn.wants_write())
+    Ok((conn.wants_write(), open))
 }
 
 /// Moves the session's decrypted bytes into `out`; returns false once the peer sent
 /// close_notify.
-pub fn drain_plaintext(conn: &mut rustls::ServerConnection, out: &mut bytes::BytesMut) -> bool {
+fn drain_plaintext(conn: &mut rustls::ServerConnection, out: &mut bytes::BytesMut) -> bool {
     /// Room made per read: one TLS record's plaintext at most.
     const STEP: usize = 16 * 1024;
     loop {
@@ -56,17 +64,25 @@ pub fn drain_plaintext(conn: &mut rustls::ServerConnection, out: &mut bytes::Byt
     }
 }
 
-/// Encrypts `plain` (if any) and appends every pending TLS record to `out`.
+/// Encrypts `plain` (if any) and appends every pending TLS record to `out`. rustls buffers a
+/// bounded amount of plaintext, so large frames go in pieces, draining records in between.
 pub fn seal(
     conn: &mut rustls::ServerConnection,
     plain: &[u8],
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
-    if !plain.is_empty() {
-        conn.writer().write_all(plain)?;
+    let mut rest = plain;
+    loop {
+        while conn.wants_write() {
+            conn.write_tls(out)?;
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let n = conn.writer().write(rest)?;
+        if n == 0 && !conn.wants_write() {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        rest = &rest[n..];
     }
-    while conn.wants_write() {
-        conn.write_tls(out)?;
-    }
-    Ok(())
 }

@@ -170,9 +170,8 @@ pub async fn read_more(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> std::io
                 *cipher = Some(buf);
                 return Ok(false);
             }
-            let wants_write = super::tls::absorb(tls, &buf[..n])?;
+            let (wants_write, open) = super::tls::absorb(tls, &buf[..n], &mut conn.buffered)?;
             *cipher = Some(buf);
-            let open = super::tls::drain_plaintext(tls, &mut conn.buffered);
             if wants_write {
                 flush_tls(conn).await?;
             }

@@ -2,6 +2,8 @@
 //! device-channel client. No fixed ports, no sleeps as synchronisation.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::sync::Arc;
 use std::time::Duration;
 
