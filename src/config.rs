@@ -123,6 +123,9 @@ pub struct Knobs {
     /// Most handshakes in progress per client IP [default: 64].
     #[arg(long, env = "IOTUNNEL_MAX_HANDSHAKES_PER_IP")]
     pub max_handshakes_per_ip: Option<usize>,
+    /// Alibaba family: how long a device has to answer session_create, ms [default: 10000].
+    #[arg(long, env = "IOTUNNEL_SESSION_CREATE_TIMEOUT_MS")]
+    pub session_create_timeout_ms: Option<u64>,
 }
 
 impl Knobs {
@@ -151,7 +154,8 @@ impl Knobs {
             peer_ping_interval_ms,
             max_frame_payload,
             max_sessions_per_tunnel,
-            max_handshakes_per_ip
+            max_handshakes_per_ip,
+            session_create_timeout_ms
         )
     }
 }
@@ -270,6 +274,8 @@ pub struct Settings {
     pub max_sessions_per_tunnel: usize,
     /// Most handshakes in progress per client IP.
     pub max_handshakes_per_ip: usize,
+    /// Alibaba family: session_create answer deadline, ms.
+    pub session_create_timeout_ms: u64,
     /// Admin API key from `IOTUNNEL_ADMIN_KEY`, if set.
     pub admin_key: Option<Secret>,
 }
@@ -343,6 +349,9 @@ impl Settings {
             max_handshakes_per_ip: k
                 .max_handshakes_per_ip
                 .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_IP),
+            session_create_timeout_ms: k
+                .session_create_timeout_ms
+                .unwrap_or(crate::proto::aliyun::SESSION_CREATE_TIMEOUT.as_millis() as u64),
             admin_key,
         };
         settings.validate()?;

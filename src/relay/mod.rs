@@ -69,7 +69,7 @@ impl RelayConfig {
             max_frame_payload: s.max_frame_payload,
             max_sessions: s.max_sessions_per_tunnel,
             max_handshakes_per_ip: s.max_handshakes_per_ip,
-            session_create_timeout: crate::proto::aliyun::SESSION_CREATE_TIMEOUT,
+            session_create_timeout: Duration::from_millis(s.session_create_timeout_ms),
         })
     }
 }
