@@ -138,3 +138,69 @@ async fn smoke_uring() {
 async fn smoke_epoll() {
     smoke(IoDriver::Epoll).await;
 }
+
+/// Bytes that arrive with the upgrade request (here a whole frame in the same write) travel
+/// with the socket when the accepting shard hands it to the tunnel's owner shard.
+async fn handoff_keeps_bytes_read_with_the_request(driver: IoDriver) {
+    use tokio::io::AsyncWriteExt;
+    let t = TestServer::start_with(|s| {
+        s.relay_plaintext = true;
+        s.io_driver = driver;
+        s.shards = 4;
+        s.max_open_tunnels_per_device = 100;
+    })
+    .await;
+    let mut f = t.online_device().await;
+    for i in 0..12u8 {
+        let created = t.tunnel(&f, json!({})).await;
+        let device_token = loop {
+            let n = f.channel.next_json().await;
+            if n["tunnel_id"] == created["tunnel_id"] {
+                break n["token"].as_str().unwrap().to_string();
+            }
+        };
+        let data = aws::Message {
+            r#type: aws::MessageType::Data as i32,
+            stream_id: 1,
+            service_id: "SSH".into(),
+            payload: vec![i; 1000].into(),
+            ..Default::default()
+        };
+        let payload = aws::encode_frame_payload(&data).unwrap();
+        let mask = [1, 2, 3, 4];
+        let mut wire = format!(
+            "GET /tunnel?local-proxy-mode=destination HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: aws.iot.securetunneling-3.0\r\naccess-token: {device_token}\r\n\r\n"
+        )
+        .into_bytes();
+        wire.extend(iotunnel::proto::ws::client_frame(
+            true,
+            iotunnel::proto::ws::OpCode::Binary,
+            mask,
+            &payload,
+        ));
+        let mut raw = tokio::net::TcpStream::connect(t.server().relay_addr)
+            .await
+            .unwrap();
+        raw.write_all(&wire).await.unwrap();
+        let mut client = dial(&t, "source", created["client_token"].as_str().unwrap()).await;
+        let _service_ids = next_binary(&mut client).await;
+        assert_eq!(
+            next_binary(&mut client).await,
+            payload,
+            "tunnel {i}: the early frame arrives intact"
+        );
+        drop(raw);
+    }
+}
+
+#[tokio::test]
+async fn handoff_keeps_bytes_uring() {
+    handoff_keeps_bytes_read_with_the_request(IoDriver::Uring).await;
+}
+
+#[tokio::test]
+async fn handoff_keeps_bytes_epoll() {
+    handoff_keeps_bytes_read_with_the_request(IoDriver::Epoll).await;
+}
