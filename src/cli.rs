@@ -28,6 +28,8 @@ pub enum Command {
     Product(ProductCmd),
     /// Run the device agent, or manage devices (`device create|list|delete`).
     Device(DeviceArgs),
+    /// Carry local connections (or stdin/stdout) through a tunnel: the person's local proxy.
+    Client(crate::agent::client::ClientArgs),
     /// Manage tunnels.
     #[command(subcommand)]
     Tunnel(TunnelCmd),
@@ -96,6 +98,9 @@ pub struct DeviceArgs {
     /// Device agent flags.
     #[command(flatten)]
     pub agent: crate::agent::device::AgentArgs,
+    /// Device agent relay flags.
+    #[command(flatten)]
+    pub relay: crate::agent::device::RelayArgs,
 }
 
 /// `iotunnel device ...`
@@ -237,12 +242,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(crate::server::run(settings))
         }
-        Command::Device(DeviceArgs { cmd: None, agent }) => {
+        Command::Device(DeviceArgs {
+            cmd: None,
+            agent,
+            relay,
+        }) => {
             init_server_logging();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(crate::agent::device::run(agent))
+            let options = crate::agent::device::AgentOptions {
+                channel: agent,
+                relay,
+            };
+            rt.block_on(crate::agent::device::run(options))
+        }
+        Command::Client(args) => {
+            // With --stdio, stdout carries the tunnel: logs go to stderr, warnings only.
+            init_logging(if args.stdio.is_some() { "warn" } else { "info" });
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let result = rt.block_on(crate::agent::client::run(args));
+            // A stdin read may still be blocked in its thread: do not wait for it.
+            rt.shutdown_background();
+            result
         }
         other => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -254,7 +278,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_server_logging() {
-    let level = std::env::var("IOTUNNEL_LOG").unwrap_or_else(|_| "info".into());
+    init_logging("info");
+}
+
+fn init_logging(default_level: &str) {
+    let level = std::env::var("IOTUNNEL_LOG").unwrap_or_else(|_| default_level.into());
     // The WebSocket libraries trace whole frames, notifications with tokens included: never
     // below info, whatever IOTUNNEL_LOG asks.
     let filter = tracing_subscriber::EnvFilter::try_new(format!(
@@ -407,7 +435,7 @@ const TUNNEL_COLUMNS: &[(&str, &str)] = &[
 async fn api_command(cmd: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
-        Command::Server(_) | Command::Device(DeviceArgs { cmd: None, .. }) => {
+        Command::Server(_) | Command::Client(_) | Command::Device(DeviceArgs { cmd: None, .. }) => {
             unreachable!("handled by run")
         }
         Command::Account(AccountCmd::Create { name, api }) => {

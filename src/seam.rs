@@ -219,6 +219,11 @@ impl TunnelIndex {
         self.by_tunnel.len()
     }
 
+    /// The number of closed tunnels whose tokens are remembered.
+    pub fn closed_len(&self) -> usize {
+        self.closed_by_tunnel.len()
+    }
+
     /// Whether no tunnel is indexed.
     pub fn is_empty(&self) -> bool {
         self.by_tunnel.is_empty()

@@ -141,9 +141,28 @@ async fn ensure_admin(
     }
 }
 
-async fn persist_events(store: Arc<dyn Store>, mut rx: mpsc::Receiver<ConnectionEvent>) {
+async fn persist_events(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<ConnectionEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut batch = Vec::with_capacity(EVENT_BATCH);
-    while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, EVENT_BATCH) => if n == 0 { return },
+            _ = shutdown.changed() => {
+                // The relay has stopped: persist what it reported last, then stop.
+                while let Ok(ev) = rx.try_recv() {
+                    batch.push(ev);
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = store.apply_connection_events(std::mem::take(&mut batch)).await {
+                        tracing::warn!(error = %e, "cannot persist connection events");
+                    }
+                }
+                return;
+            }
+        }
         if let Err(e) = store
             .apply_connection_events(std::mem::take(&mut batch))
             .await
@@ -219,10 +238,11 @@ impl Server {
         let api_addr = listeners.api.local_addr()?;
         let metrics_addr = listeners.metrics.local_addr()?;
         let mut tasks = vec![
-            tokio::spawn(persist_events(store, events_rx)),
+            tokio::spawn(persist_events(store, events_rx, shutdown_rx.clone())),
             tokio::spawn(lifecycle::run_sweeper(control.clone(), shutdown_rx.clone())),
         ];
-        let app = api::router(control.clone());
+        let api_metrics = Arc::new(crate::metrics::ApiMetrics::default());
+        let app = api::router(control.clone(), api_metrics.clone());
         let mut stop = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let serve = axum::serve(listeners.api, app).with_graceful_shutdown(async move {
@@ -232,11 +252,6 @@ impl Server {
                 tracing::error!(error = %e, "api server failed");
             }
         }));
-        tasks.push(tokio::spawn(crate::metrics::serve(
-            control.clone(),
-            listeners.metrics,
-            shutdown_rx,
-        )));
         let relay_addr = listeners
             .relay
             .first()
@@ -259,6 +274,14 @@ impl Server {
         } else {
             (Some(seam), None)
         };
+        let scraper = relay.as_ref().map(crate::relay::RelayHandle::scraper);
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            control.clone(),
+            api_metrics,
+            scraper,
+            listeners.metrics,
+            shutdown_rx,
+        )));
         tracing::info!(%api_addr, %metrics_addr, %relay_addr, "listening");
         Ok(Self {
             control,

@@ -1,17 +1,25 @@
 //! `iotunnel device`: the device agent. It keeps the device channel up, reconnecting with
-//! jittered exponential backoff capped at 30 s, and reports each notification.
-//!
-//! Dialing the relay on `connect` notifications comes with the relay; today the agent logs
-//! them (never the token).
+//! jittered exponential backoff capped at 30 s, and serves each tunnel it is notified of: on
+//! `connect` it dials the relay as the destination (AWS V3) with the notified token and opens a
+//! TCP connection to the mapped local service for every stream and connection the client
+//! starts ([`super::tunnels`]); on `close` it tears that tunnel down. Tokens are never logged.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use futures_util::StreamExt;
 use rand::Rng;
+use serde::Deserialize;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::Connector;
 
+use super::dial::{self, Endpoint};
+use super::mux::LocalServices;
+use super::tunnels::{Connect, RelayContext, Tunnels};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Secret;
 use crate::token;
@@ -28,7 +36,7 @@ pub struct AgentArgs {
     #[arg(
         long = "api",
         env = "IOTUNNEL_API",
-        default_value = "http://127.0.0.1:8080"
+        default_value = DEFAULT_API
     )]
     pub api_url: String,
     /// The device's product key.
@@ -42,6 +50,151 @@ pub struct AgentArgs {
     pub device_secret: Option<Secret>,
 }
 
+/// The service a device offers when no `--service` is given: its SSH server.
+pub const DEFAULT_SERVICE: (&str, &str) = ("SSH", "127.0.0.1:22");
+
+/// The agent's relay flags: which local services it serves, and TLS trust.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RelayArgs {
+    /// A local service: NAME=HOST:PORT (repeatable; default SSH=127.0.0.1:22).
+    #[arg(long = "service", value_name = "NAME=HOST:PORT", value_parser = parse_service)]
+    pub services: Vec<(String, String)>,
+    /// Trust the CA certificates in this PEM file (the server's tls/ca.pem) for the relay and
+    /// an https API, instead of the public web PKI roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A TOML file with the agent's settings; flags and environment win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Parses `NAME=HOST:PORT`.
+fn parse_service(text: &str) -> Result<(String, String), String> {
+    let (name, addr) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=HOST:PORT, got {text:?}"))?;
+    if name.is_empty() || !addr.contains(':') {
+        return Err(format!("expected NAME=HOST:PORT, got {text:?}"));
+    }
+    Ok((name.to_string(), addr.to_string()))
+}
+
+/// The agent's TOML configuration file (`--config`).
+///
+/// ```toml
+/// api = "https://iot.example.com:8080"
+/// product_key = "pk_..."
+/// device_name = "dev-1"
+/// device_secret = "..."          # or IOTUNNEL_DEVICE_SECRET
+/// ca_file = "/etc/iotunnel/ca.pem"
+///
+/// [services]
+/// SSH = "127.0.0.1:22"
+/// HTTP = "127.0.0.1:80"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Control API base URL.
+    pub api: Option<String>,
+    /// The device's product key.
+    pub product_key: Option<String>,
+    /// The device's name.
+    pub device_name: Option<String>,
+    /// The device secret.
+    pub device_secret: Option<String>,
+    /// PEM CA file to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Service name -> `host:port`.
+    #[serde(default)]
+    pub services: BTreeMap<String, String>,
+}
+
+impl AgentFile {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let file: Self =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        for (name, addr) in &file.services {
+            parse_service(&format!("{name}={addr}")).map_err(anyhow::Error::msg)?;
+        }
+        Ok(file)
+    }
+}
+
+/// Everything the agent runs with: the device-channel flags and the relay flags.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Device-channel flags.
+    pub channel: AgentArgs,
+    /// Relay flags.
+    pub relay: RelayArgs,
+}
+
+impl From<AgentArgs> for AgentOptions {
+    fn from(channel: AgentArgs) -> Self {
+        Self {
+            channel,
+            relay: RelayArgs::default(),
+        }
+    }
+}
+
+/// The settings after merging flags over the config file.
+struct Resolved {
+    api_url: String,
+    product_key: String,
+    device_name: String,
+    secret: Secret,
+    ca_file: Option<PathBuf>,
+    services: LocalServices,
+}
+
+impl AgentOptions {
+    fn resolve(self) -> anyhow::Result<Resolved> {
+        let file = match &self.relay.config {
+            Some(path) => AgentFile::load(path)?,
+            None => AgentFile::default(),
+        };
+        let c = self.channel;
+        // The API flag always has a value: the file wins only over the built-in default.
+        let api_url = match file.api {
+            Some(api) if c.api_url == DEFAULT_API => api,
+            _ => c.api_url,
+        };
+        let mut services: BTreeMap<String, String> = self.relay.services.into_iter().collect();
+        if services.is_empty() {
+            services = file.services;
+        }
+        if services.is_empty() {
+            let (name, addr) = DEFAULT_SERVICE;
+            services.insert(name.into(), addr.into());
+        }
+        Ok(Resolved {
+            api_url,
+            product_key: c
+                .product_key
+                .or(file.product_key)
+                .context("--product-key is required")?,
+            device_name: c
+                .device_name
+                .or(file.device_name)
+                .context("--device-name is required")?,
+            secret: c
+                .device_secret
+                .or(file.device_secret.map(Secret))
+                .context("--device-secret or IOTUNNEL_DEVICE_SECRET is required")?,
+            ca_file: self.relay.ca_file.or(file.ca_file),
+            services: LocalServices(services),
+        })
+    }
+}
+
+/// The `--api` default.
+const DEFAULT_API: &str = "http://127.0.0.1:8080";
+
 /// Why the channel ended.
 enum Ended {
     /// The server closed it on purpose (replaced by a newer channel, or the device was deleted).
@@ -51,16 +204,28 @@ enum Ended {
 }
 
 /// Runs the agent until the device is deleted or replaced; network errors never end it.
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let pk = args.product_key.context("--product-key is required")?;
-    let dn = args.device_name.context("--device-name is required")?;
-    let secret = args
-        .device_secret
-        .context("--device-secret or IOTUNNEL_DEVICE_SECRET is required")?;
-    let url = channel_url(&args.api_url)?;
+pub async fn run(options: impl Into<AgentOptions>) -> anyhow::Result<()> {
+    let r = options.into().resolve()?;
+    let url = channel_url(&r.api_url)?;
+    let tls = dial::tls_config(r.ca_file.as_deref())?;
+    for (name, addr) in &r.services.0 {
+        tracing::info!(service = %name, address = %addr, "serving local service");
+    }
+    let tunnels = Tunnels::new(RelayContext {
+        tls: tls.clone(),
+        local: Arc::new(r.services),
+    });
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match session(&url, &pk, &dn, &secret).await {
+        let ended = session(
+            &url,
+            &r.product_key,
+            &r.device_name,
+            &r.secret,
+            &tls,
+            &tunnels,
+        );
+        match ended.await {
             Ok(Ended::Final(why)) => bail!("device channel ended: {why}"),
             Ok(Ended::Retry(why)) => {
                 tracing::warn!(reason = %why, "device channel dropped; reconnecting");
@@ -87,7 +252,14 @@ fn channel_url(api: &str) -> anyhow::Result<String> {
     Ok(format!("{base}/v1/device/connect"))
 }
 
-async fn session(url: &str, pk: &str, dn: &str, secret: &Secret) -> anyhow::Result<Ended> {
+async fn session(
+    url: &str,
+    pk: &str,
+    dn: &str,
+    secret: &Secret,
+    tls: &Arc<rustls::ClientConfig>,
+    tunnels: &Tunnels,
+) -> anyhow::Result<Ended> {
     let ts = SystemClock.now_ms() / 1000;
     let sig = hex::encode(token::hmac_sha256(
         secret.0.as_bytes(),
@@ -99,22 +271,24 @@ async fn session(url: &str, pk: &str, dn: &str, secret: &Secret) -> anyhow::Resu
     h.insert("x-iotunnel-device-name", dn.parse()?);
     h.insert("x-iotunnel-timestamp", ts.to_string().parse()?);
     h.insert("x-iotunnel-signature", sig.parse()?);
-    let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
-        Ok(ok) => ok,
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default()
-                .into_owned();
-            bail!(
-                "the server refused the device channel: HTTP {} {body}",
-                resp.status()
-            );
-        }
-        Err(e) => return Err(e).context("cannot reach the device channel"),
-    };
+    let connector = Some(Connector::Rustls(tls.clone()));
+    let (mut ws, _) =
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
+            Ok(ok) => ok,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .into_owned();
+                bail!(
+                    "the server refused the device channel: HTTP {} {body}",
+                    resp.status()
+                );
+            }
+            Err(e) => return Err(e).context("cannot reach the device channel"),
+        };
     tracing::info!(
         product_key = pk,
         device_name = dn,
@@ -122,15 +296,7 @@ async fn session(url: &str, pk: &str, dn: &str, secret: &Secret) -> anyhow::Resu
     );
     while let Some(msg) = ws.next().await {
         match msg? {
-            Message::Text(text) => {
-                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                tracing::info!(
-                    operation = v["operation"].as_str().unwrap_or("?"),
-                    tunnel_id = v["tunnel_id"].as_str().unwrap_or("?"),
-                    services = %v["services"],
-                    "notification"
-                );
-            }
+            Message::Text(text) => on_notification(&text, tunnels),
             Message::Close(Some(frame))
                 if u16::from(frame.code) == 4000 || u16::from(frame.code) == 4001 =>
             {
@@ -141,4 +307,117 @@ async fn session(url: &str, pk: &str, dn: &str, secret: &Secret) -> anyhow::Resu
         }
     }
     Ok(Ended::Retry("connection lost".into()))
+}
+
+/// A notification from the device channel (DESIGN.md, "Device channel").
+#[derive(Deserialize)]
+struct Notification {
+    operation: String,
+    tunnel_id: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Acts on one notification; a malformed one is logged (without its token) and skipped.
+fn on_notification(text: &str, tunnels: &Tunnels) {
+    let note: Notification = match serde_json::from_str(text) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignored a malformed notification");
+            return;
+        }
+    };
+    tracing::info!(
+        operation = %note.operation,
+        tunnel_id = %note.tunnel_id,
+        services = ?note.services,
+        "notification"
+    );
+    match note.operation.as_str() {
+        "connect" => {
+            let Some(token) = note.token else {
+                tracing::warn!(tunnel_id = %note.tunnel_id, "connect notification without a token");
+                return;
+            };
+            // `endpoint` is the relay's host:port; `url`'s scheme says whether it is wss or ws.
+            let plain = note.url.as_deref().is_some_and(|u| u.starts_with("ws://"));
+            let endpoint = match (note.endpoint, note.url) {
+                (Some(host_port), _) if plain => Endpoint::parse(&format!("ws://{host_port}")),
+                (Some(host_port), _) => Endpoint::parse(&host_port),
+                (None, Some(url)) => Endpoint::parse(&url),
+                (None, None) => Err(anyhow::anyhow!("no relay endpoint")),
+            };
+            match endpoint {
+                Ok(endpoint) => tunnels.connect(Connect {
+                    tunnel_id: note.tunnel_id,
+                    token: Secret(token),
+                    endpoint,
+                    services: note.services,
+                }),
+                Err(e) => {
+                    tracing::warn!(tunnel_id = %note.tunnel_id, error = %e, "bad relay endpoint")
+                }
+            }
+        }
+        "close" => tunnels.close(&note.tunnel_id, note.reason.as_deref().unwrap_or("-")),
+        other => tracing::debug!(operation = other, "ignored a notification"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_parse() {
+        assert_eq!(
+            parse_service("SSH=127.0.0.1:22").unwrap(),
+            ("SSH".into(), "127.0.0.1:22".into())
+        );
+        for bad in ["SSH", "=1.2.3.4:5", "SSH=host"] {
+            assert!(parse_service(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_file_parses_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "api = \"http://10.0.0.1:8080\"\nproduct_key = \"pk\"\ndevice_name = \"d\"\n\
+             device_secret = \"s\"\n[services]\nSSH = \"127.0.0.1:2222\"\n",
+        )
+        .unwrap();
+        let options = AgentOptions {
+            channel: AgentArgs {
+                api_url: DEFAULT_API.into(),
+                product_key: None,
+                device_name: Some("flag-name".into()),
+                device_secret: None,
+            },
+            relay: RelayArgs {
+                config: Some(path.clone()),
+                ..RelayArgs::default()
+            },
+        };
+        let r = options.resolve().unwrap();
+        assert_eq!(r.api_url, "http://10.0.0.1:8080");
+        assert_eq!(
+            (r.product_key.as_str(), r.device_name.as_str()),
+            ("pk", "flag-name")
+        );
+        assert_eq!(r.services.resolve("SSH"), Some("127.0.0.1:2222"));
+
+        std::fs::write(&path, "unknown_key = 1\n").unwrap();
+        assert!(AgentFile::load(&path).is_err());
+    }
 }

@@ -87,7 +87,7 @@ impl Modify for BearerAuth {
 }
 
 /// The API router with the OpenAPI document of its routes, ready to serve.
-pub fn router(cp: Arc<ControlPlane>) -> Router {
+pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -> Router {
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_account))
         .routes(routes!(create_product, list_products))
@@ -109,8 +109,19 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             "/openapi.json",
             axum::routing::get(move || async move { Json(openapi.as_ref().clone()) }),
         )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .method_not_allowed_fallback(|| async {
+        .route_layer(axum::middleware::from_fn_with_state(
+            metrics.clone(),
+            crate::metrics::track_api,
+        ))
+        .fallback({
+            let metrics = metrics.clone();
+            move || async move {
+                metrics.unmatched(StatusCode::NOT_FOUND);
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+            }
+        })
+        .method_not_allowed_fallback(move || async move {
+            metrics.unmatched(StatusCode::METHOD_NOT_ALLOWED);
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

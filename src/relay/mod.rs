@@ -23,6 +23,7 @@ use crate::config::{IoDriver, Settings};
 use crate::seam::{ConnectionEvent, DataPlaneSeam, RelayCommand, Side, TunnelIndex};
 
 pub mod pump;
+pub mod stats;
 mod sys;
 pub mod tls;
 pub mod upgrade;
@@ -81,6 +82,8 @@ pub enum ShardMsg {
     HandOff(HandOff),
     /// A command from the control plane.
     Command(RelayCommand),
+    /// Send a snapshot of the shard's statistics.
+    Scrape(tokio::sync::oneshot::Sender<stats::StatsSnapshot>),
     /// Close every connection and stop.
     Shutdown,
 }
@@ -111,6 +114,8 @@ pub struct ShardCtx {
     pub shards: Arc<[mpsc::UnboundedSender<ShardMsg>]>,
     /// Handshakes in progress per IP, across shards.
     pub handshakes: Arc<DashMap<IpAddr, usize>>,
+    /// This shard's statistics.
+    pub stats: stats::ShardStats,
 }
 
 impl ShardCtx {
@@ -136,6 +141,33 @@ pub struct RelayHandle {
     pub addr: SocketAddr,
     inboxes: Arc<[mpsc::UnboundedSender<ShardMsg>]>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Asks every shard for its statistics.
+#[derive(Debug, Clone)]
+pub struct RelayScraper {
+    inboxes: Arc<[mpsc::UnboundedSender<ShardMsg>]>,
+}
+
+impl RelayScraper {
+    /// One snapshot per shard that answers within a second (a busy shard is skipped, never
+    /// waited on: a scrape must not stall the data plane or hang the exporter).
+    pub async fn scrape(&self) -> Vec<stats::StatsSnapshot> {
+        let mut waiting = Vec::new();
+        for inbox in self.inboxes.iter() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if inbox.send(ShardMsg::Scrape(tx)).is_ok() {
+                waiting.push(rx);
+            }
+        }
+        let mut out = Vec::new();
+        for rx in waiting {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), rx).await {
+                out.push(s);
+            }
+        }
+        out
+    }
 }
 
 /// Binds `n` listeners sharing `addr` through `SO_REUSEPORT` (port 0 picks one port for all).
@@ -192,6 +224,7 @@ impl RelayHandle {
                 events: seam.events.clone(),
                 shards: inboxes.clone(),
                 handshakes: handshakes.clone(),
+                stats: stats::ShardStats::default(),
             };
             let ready = ready_tx.clone();
             threads.push(
@@ -221,6 +254,13 @@ impl RelayHandle {
             inboxes,
             threads,
         })
+    }
+
+    /// A handle for scraping the shards' statistics.
+    pub fn scraper(&self) -> RelayScraper {
+        RelayScraper {
+            inboxes: self.inboxes.clone(),
+        }
     }
 
     /// Closes every connection and joins the shards.
@@ -316,6 +356,10 @@ async fn shard_main(
                 }
             }
             ShardMsg::Command(cmd) => state.command(cmd),
+            ShardMsg::Scrape(reply) => {
+                ctx.stats.set_tunnels(state.tunnel_count());
+                let _ = reply.send(ctx.stats.snapshot());
+            }
             ShardMsg::Shutdown => break,
         }
     }
@@ -374,6 +418,7 @@ async fn accept_loop(
         let Some(slot) =
             HandshakeSlot::take(&ctx.handshakes, peer.ip(), ctx.cfg.max_handshakes_per_ip)
         else {
+            ctx.stats.handshake_failed("too_many_handshakes");
             tracing::info!(%peer, "too many handshakes in progress from this address; refused");
             continue;
         };
@@ -410,8 +455,13 @@ async fn handshake(
     drop(slot);
     let up = match result {
         Ok(Ok(up)) => up,
-        Ok(Err(_)) => return,
+        Ok(Err(refusal)) => {
+            ctx.stats
+                .handshake_failed(refusal.map_or("tls_or_io", upgrade::Refusal::label));
+            return;
+        }
         Err(_) => {
+            ctx.stats.handshake_failed("timeout");
             tracing::debug!(%peer, "relay handshake timed out");
             return;
         }

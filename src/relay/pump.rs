@@ -38,6 +38,8 @@ const MISSED_PINGS: u32 = 3;
 const PLAIN_READ: usize = 64 * 1024;
 
 type Tls = Rc<RefCell<rustls::ServerConnection>>;
+/// A frame queued for a writer, with when it was read (for the forwarding latency).
+type Queued = (Bytes, Instant);
 
 fn slot_of(side: Side) -> usize {
     match side {
@@ -76,7 +78,7 @@ struct Peer {
     fd: RawFd,
     family: Family,
     aws_version: Option<ProtocolVersion>,
-    data: mpsc::Sender<Bytes>,
+    data: mpsc::Sender<Queued>,
     ctl: mpsc::UnboundedSender<Ctl>,
     closing: Cell<bool>,
     end_reason: Cell<&'static str>,
@@ -178,6 +180,11 @@ impl From<aws::Violation> for Stop {
 }
 
 impl Shard {
+    /// The number of tunnels with a connected peer on this shard.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.borrow().len()
+    }
+
     /// A shard with no tunnels.
     pub fn new(ctx: Rc<ShardCtx>) -> Self {
         Self {
@@ -246,6 +253,7 @@ impl Shard {
             self.side_left(&slot, &old);
         }
         slot.arrived[slot_of(up.side)].notify_waiters();
+        self.ctx.stats.connected(up.side, up.family);
         self.ctx.event(
             &slot.tunnel.tunnel_id,
             up.side,
@@ -259,6 +267,7 @@ impl Shard {
         let (read, write) = stream.into_split();
         monoio::spawn(write_loop(
             peer.clone(),
+            self.ctx.clone(),
             write,
             tls.clone(),
             data_rx,
@@ -287,6 +296,7 @@ impl Shard {
             .borrow()
             .as_ref()
             .is_some_and(|p| p.id == peer.id);
+        self.ctx.stats.disconnected(peer.side, label);
         if !current {
             // Replaced: the newer connection's state is what describe must show.
             tracing::debug!(tunnel_id = %slot.tunnel.tunnel_id, side = peer.side.as_str(), "replaced peer left");
@@ -445,7 +455,13 @@ impl Shard {
                                 }
                                 match self.inspect_aliyun(slot, peer, &frame[hdr.header_len..]) {
                                     Ok(Aliyun::Rewritten(rewritten)) => {
-                                        if !forward_frame(slot, peer, Bytes::from(rewritten)).await
+                                        if !forward_frame(
+                                            slot,
+                                            peer,
+                                            Bytes::from(rewritten),
+                                            &self.ctx.stats,
+                                        )
+                                        .await
                                         {
                                             return Stop::quiet(peer.end_reason.get());
                                         }
@@ -474,7 +490,7 @@ impl Shard {
                                 }
                             };
                             frame.advance(start);
-                            if !forward_frame(slot, peer, frame.freeze()).await {
+                            if !forward_frame(slot, peer, frame.freeze(), &self.ctx.stats).await {
                                 return Stop::quiet(peer.end_reason.get());
                             }
                         }
@@ -531,6 +547,7 @@ impl Shard {
         let rtt = ping_clock_us().saturating_sub(u64::from_be_bytes(sent));
         // RFC 6298 smoothing: srtt = 7/8 srtt + 1/8 rtt.
         let srtt = peer.srtt_us.get().map_or(rtt, |s| (7 * s + rtt) / 8);
+        self.ctx.stats.rtt(peer.side, Duration::from_micros(rtt));
         peer.srtt_us.set(Some(srtt));
         self.ctx.event(
             &slot.tunnel.tunnel_id,
@@ -667,14 +684,21 @@ fn reason_label(reason: crate::seam::CloseReason) -> &'static str {
 /// Queues a frame for `peer` without waiting (relay-generated messages): a full queue drops
 /// the oldest guarantee we can keep, so it is logged.
 fn queue_frame(peer: &Peer, frame: Bytes) {
-    if peer.data.try_send(frame).is_err() {
+    if peer.data.try_send((frame, Instant::now())).is_err() {
         tracing::warn!("peer queue full; relay message not delivered");
     }
 }
 
 /// Forwards a frame to the other side, waiting while it is absent or its queue is full.
 /// Returns false when `me` is ending.
-async fn forward_frame(slot: &Slot, me: &Rc<Peer>, mut frame: Bytes) -> bool {
+async fn forward_frame(
+    slot: &Slot,
+    me: &Rc<Peer>,
+    frame: Bytes,
+    stats: &super::stats::ShardStats,
+) -> bool {
+    let len = frame.len();
+    let mut frame = (frame, Instant::now());
     let target_slot = slot_of(other(me.side));
     loop {
         if me.closing.get() {
@@ -686,7 +710,10 @@ async fn forward_frame(slot: &Slot, me: &Rc<Peer>, mut frame: Bytes) -> bool {
                 let ending = me.ending.notified();
                 monoio::select! {
                     sent = target.data.send(frame.clone()) => match sent {
-                        Ok(()) => return true,
+                        Ok(()) => {
+                            stats.forwarded(me.side, len);
+                            return true;
+                        }
                         Err(mpsc::error::SendError(f)) => frame = f,
                     },
                     _ = ending => return false,
@@ -770,63 +797,65 @@ fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bo
 /// Writes everything queued, then waits: control frames first, then forwarded frames.
 async fn write_loop(
     peer: Rc<Peer>,
+    ctx: Rc<ShardCtx>,
     write: OwnedWriteHalf<TcpStream>,
     tls: Option<Tls>,
-    data: mpsc::Receiver<Bytes>,
+    data: mpsc::Receiver<Queued>,
     ctl: mpsc::UnboundedReceiver<Ctl>,
 ) {
-    write_frames(&peer, write, tls, data, ctl).await;
+    write_frames(&peer, &ctx, write, tls, data, ctl).await;
     peer.halves.set(peer.halves.get() - 1);
 }
 
+/// Most forwarded frames written in one go.
+const WRITE_BATCH: usize = 64;
+
 async fn write_frames(
     peer: &Rc<Peer>,
+    ctx: &ShardCtx,
     mut write: OwnedWriteHalf<TcpStream>,
     tls: Option<Tls>,
-    mut data: mpsc::Receiver<Bytes>,
+    mut data: mpsc::Receiver<Queued>,
     mut ctl: mpsc::UnboundedReceiver<Ctl>,
 ) {
     let mut sealed: Vec<u8> = Vec::new();
-    let mut batch: Vec<Bytes> = Vec::new();
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut read_at: Vec<Instant> = Vec::new();
     loop {
-        let mut closing = None;
-        let mut frames: Vec<Bytes> = Vec::new();
+        frames.clear();
+        read_at.clear();
+        let mut closing = false;
+        let mut take_ctl = |c: Ctl, frames: &mut Vec<Bytes>| match c {
+            Ctl::Frame(f) => frames.push(Bytes::from(f)),
+            Ctl::FlushTls => {}
+            Ctl::Close(code, reason) => {
+                frames.push(Bytes::from(ws::close_frame(code, &reason)));
+                closing = true;
+            }
+        };
         while let Ok(c) = ctl.try_recv() {
-            match c {
-                Ctl::Frame(f) => frames.push(Bytes::from(f)),
-                Ctl::FlushTls => {}
-                Ctl::Close(code, reason) => {
-                    closing = Some(ws::close_frame(code, &reason));
-                    break;
-                }
-            }
+            take_ctl(c, &mut frames);
         }
-        if closing.is_none() {
-            while batch.len() < 64 {
-                match data.try_recv() {
-                    Ok(f) => batch.push(f),
-                    Err(_) => break,
+        while frames.len() < WRITE_BATCH {
+            match data.try_recv() {
+                Ok((f, at)) => {
+                    frames.push(f);
+                    read_at.push(at);
                 }
+                Err(_) => break,
             }
-            frames.append(&mut batch);
-        }
-        if let Some(close) = &closing {
-            frames.push(Bytes::from(close.clone()));
         }
         if frames.is_empty() {
             monoio::select! {
                 c = ctl.recv() => match c {
-                    Some(Ctl::Frame(f)) => frames.push(Bytes::from(f)),
-                    Some(Ctl::FlushTls) => {}
-                    Some(Ctl::Close(code, reason)) => {
-                        let f = ws::close_frame(code, &reason);
-                        frames.push(Bytes::from(f.clone()));
-                        closing = Some(f);
-                    }
+                    Some(c) => take_ctl(c, &mut frames),
                     None => return,
                 },
                 d = data.recv() => match d {
-                    Some(f) => frames.push(f),
+                    Some((f, at)) => {
+                        frames.push(f);
+                        read_at.push(at);
+                    }
                     None => return,
                 },
             }
@@ -834,7 +863,7 @@ async fn write_frames(
         let ok = match &tls {
             Some(tls) => {
                 sealed.clear();
-                let ok = seal_all(tls, &frames, closing.is_some(), &mut sealed);
+                let ok = seal_all(tls, &frames, closing, &mut sealed);
                 if ok && !sealed.is_empty() {
                     let (res, buf) = write.write_all(std::mem::take(&mut sealed)).await;
                     sealed = buf;
@@ -845,7 +874,7 @@ async fn write_frames(
             }
             None => {
                 let mut ok = true;
-                for f in frames {
+                for f in frames.drain(..) {
                     let (res, _) = write.write_all(f).await;
                     if res.is_err() {
                         ok = false;
@@ -855,7 +884,12 @@ async fn write_frames(
                 ok
             }
         };
-        if !ok || closing.is_some() {
+        if ok {
+            for at in &read_at {
+                ctx.stats.forward_latency(at.elapsed());
+            }
+        }
+        if !ok || closing {
             sys::shutdown_both(peer.fd);
             if !ok {
                 peer.end(close_code::GOING_AWAY, "", "write_failed");

@@ -1,0 +1,168 @@
+//! The Prometheus exporter: contract names, label values present from start-up, and counters
+//! that move with real traffic.
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn scrape(t: &TestServer) -> String {
+    let url = format!("http://{}/metrics", t.server().metrics_addr);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("series {series} missing"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_series_exists_from_start_up() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let text = scrape(&t).await;
+    for series in [
+        "iotunnel_build_info{version=\"0.1.0\"}",
+        "iotunnel_tunnels{state=\"open\"}",
+        "iotunnel_tunnels{state=\"closed\"}",
+        "iotunnel_peers_connected{role=\"device\"}",
+        "iotunnel_peers_connected{role=\"client\"}",
+        "iotunnel_peer_connects_total{role=\"client\",family=\"aliyun\"}",
+        "iotunnel_peer_disconnects_total{role=\"device\",reason=\"ping_timeout\"}",
+        "iotunnel_peer_disconnects_total{role=\"client\",reason=\"replaced\"}",
+        "iotunnel_relay_bytes_total{direction=\"client_to_device\"}",
+        "iotunnel_relay_frames_total{direction=\"device_to_client\"}",
+        "iotunnel_forward_latency_seconds_bucket{le=\"0.000025\"}",
+        "iotunnel_forward_latency_seconds_bucket{le=\"10\"}",
+        "iotunnel_forward_latency_seconds_count",
+        "iotunnel_peer_rtt_seconds_count{role=\"device\"}",
+        "iotunnel_handshake_failures_total{reason=\"unknown_token\"}",
+        "iotunnel_handshake_failures_total{reason=\"timeout\"}",
+        "iotunnel_shard_tunnels{shard=\"0\"}",
+        "iotunnel_device_channels_connected",
+        "iotunnel_api_requests_total{route=\"/v1/tunnels/{id}\",status=\"200\"}",
+        "iotunnel_api_request_duration_seconds_count{route=\"/v1/tunnels\"}",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        value(&text, series);
+    }
+}
+
+#[tokio::test]
+async fn counters_follow_traffic_and_routes_are_templates() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let mut f = t.online_device().await;
+    let created = t.tunnel(&f, json!({})).await;
+    let id = created["tunnel_id"].as_str().unwrap();
+    t.get(&format!("/v1/tunnels/{id}"), &f.key).await;
+    t.get("/v1/no-such-route", &f.key).await;
+    let device_token = f.channel.next_json().await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dial = |mode: &'static str, token: String| {
+        let url = format!(
+            "ws://{}/tunnel?local-proxy-mode={mode}",
+            t.server().relay_addr
+        );
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut()
+                .insert("access-token", token.parse().unwrap());
+            req.headers_mut().insert(
+                "sec-websocket-protocol",
+                "aws.iot.securetunneling-2.0".parse().unwrap(),
+            );
+            tokio_tungstenite::connect_async(req).await.unwrap().0
+        }
+    };
+    let mut device = dial("destination", device_token).await;
+    let mut client = dial(
+        "source",
+        created["client_token"].as_str().unwrap().to_string(),
+    )
+    .await;
+    let msg = iotunnel::proto::aws::Message {
+        r#type: iotunnel::proto::aws::MessageType::Data as i32,
+        stream_id: 1,
+        payload: vec![1u8; 1000].into(),
+        ..Default::default()
+    };
+    let bytes = iotunnel::proto::aws::encode_frame_payload(&msg).unwrap();
+    client
+        .send(Message::Binary(bytes.clone().into()))
+        .await
+        .unwrap();
+    loop {
+        // SERVICE_IDS first, then the client's message.
+        if let Message::Binary(b) = device.next().await.unwrap().unwrap() {
+            if b.as_ref() == bytes.as_slice() {
+                break;
+            }
+        }
+    }
+    let _ = tokio_tungstenite::connect_async(format!(
+        "ws://{}/tunnel?local-proxy-mode=source",
+        t.server().relay_addr
+    ))
+    .await;
+    let text = scrape(&t).await;
+    assert_eq!(
+        value(&text, "iotunnel_peers_connected{role=\"client\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "iotunnel_peer_connects_total{role=\"device\",family=\"aws\"}"
+        ),
+        1.0
+    );
+    // Forwarded frame: 2 header bytes + the payload.
+    assert_eq!(
+        value(
+            &text,
+            "iotunnel_relay_bytes_total{direction=\"client_to_device\"}"
+        ),
+        (bytes.len() + 4) as f64
+    );
+    assert_eq!(
+        value(
+            &text,
+            "iotunnel_relay_frames_total{direction=\"client_to_device\"}"
+        ),
+        1.0
+    );
+    assert!(value(&text, "iotunnel_forward_latency_seconds_count") >= 1.0);
+    assert_eq!(
+        value(
+            &text,
+            "iotunnel_handshake_failures_total{reason=\"unknown_token\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&text, "iotunnel_tunnels{state=\"open\"}"), 1.0);
+    assert_eq!(
+        value(
+            &text,
+            "iotunnel_api_requests_total{route=\"/v1/tunnels/{id}\",status=\"200\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "iotunnel_api_requests_total{route=\"unmatched\",status=\"404\"}"
+        ),
+        1.0
+    );
+    assert!(!text.contains(id), "no raw paths or tunnel ids in labels");
+    drop(client);
+    drop(device);
+}
