@@ -27,6 +27,7 @@ pub mod stats;
 mod sys;
 pub mod tls;
 pub mod upgrade;
+mod writer;
 
 /// Pending connections per shard listener.
 const LISTEN_BACKLOG: i32 = 4096;

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncReadRent, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
@@ -37,9 +37,9 @@ const MISSED_PINGS: u32 = 3;
 /// Bytes read per plaintext read call.
 const PLAIN_READ: usize = 64 * 1024;
 
-type Tls = Rc<RefCell<rustls::ServerConnection>>;
+pub(super) type Tls = Rc<RefCell<rustls::ServerConnection>>;
 /// A frame queued for a writer, with when it was read (for the forwarding latency).
-type Queued = (Bytes, Instant);
+pub(super) type Queued = (Bytes, Instant);
 
 fn slot_of(side: Side) -> usize {
     match side {
@@ -62,7 +62,7 @@ fn ping_clock_us() -> u64 {
 }
 
 /// Something for a peer's writer besides forwarded frames; served first.
-enum Ctl {
+pub(super) enum Ctl {
     /// A whole frame of our own (pong, ping, SERVICE_IDS, relay answers).
     Frame(Vec<u8>),
     /// The TLS session has records to send (alerts, key updates).
@@ -72,10 +72,10 @@ enum Ctl {
 }
 
 /// One connection of one side.
-struct Peer {
+pub(super) struct Peer {
     id: u64,
     side: Side,
-    fd: RawFd,
+    pub(super) fd: RawFd,
     family: Family,
     aws_version: Option<ProtocolVersion>,
     data: mpsc::Sender<Queued>,
@@ -86,12 +86,12 @@ struct Peer {
     last_pong: Cell<Instant>,
     srtt_us: Cell<Option<u64>>,
     /// Halves of the socket still alive; the fd stays open (and ours) while any is.
-    halves: Cell<u8>,
+    pub(super) halves: Cell<u8>,
 }
 
 impl Peer {
     /// Starts closing with a close frame; `label` is the disconnect reason reported.
-    fn end(self: &Rc<Self>, code: u16, reason: &str, label: &'static str) {
+    pub(super) fn end(self: &Rc<Self>, code: u16, reason: &str, label: &'static str) {
         if self.closing.replace(true) {
             return;
         }
@@ -265,7 +265,7 @@ impl Shard {
 
         let tls = tls.map(|b| Rc::new(RefCell::new(*b)));
         let (read, write) = stream.into_split();
-        monoio::spawn(write_loop(
+        monoio::spawn(super::writer::write_loop(
             peer.clone(),
             self.ctx.clone(),
             write,
@@ -365,7 +365,7 @@ impl Shard {
                         p.end(
                             close_code::NORMAL,
                             &format!("tunnel {}", reason.as_str()),
-                            reason_label(reason),
+                            reason.as_str(),
                         );
                     }
                 }
@@ -677,10 +677,6 @@ impl Shard {
     }
 }
 
-fn reason_label(reason: crate::seam::CloseReason) -> &'static str {
-    reason.as_str()
-}
-
 /// Queues a frame for `peer` without waiting (relay-generated messages): a full queue drops
 /// the oldest guarantee we can keep, so it is logged.
 fn queue_frame(peer: &Peer, frame: Bytes) {
@@ -777,124 +773,6 @@ async fn pinger(peer: Rc<Peer>, ctx: Rc<ShardCtx>) {
         }
         if let Ok(ping) = ws::ping_frame(&ping_clock_us().to_be_bytes()) {
             peer.send_ctl_frame(ping);
-        }
-    }
-}
-
-/// Encrypts `frames` (and a close_notify when `closing`) into `out`.
-fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bool {
-    let mut session = tls.borrow_mut();
-    let mut ok = frames
-        .iter()
-        .all(|f| super::tls::seal(&mut session, f, out).is_ok());
-    if closing {
-        session.send_close_notify();
-        ok &= super::tls::seal(&mut session, &[], out).is_ok();
-    }
-    ok
-}
-
-/// Writes everything queued, then waits: control frames first, then forwarded frames.
-async fn write_loop(
-    peer: Rc<Peer>,
-    ctx: Rc<ShardCtx>,
-    write: OwnedWriteHalf<TcpStream>,
-    tls: Option<Tls>,
-    data: mpsc::Receiver<Queued>,
-    ctl: mpsc::UnboundedReceiver<Ctl>,
-) {
-    write_frames(&peer, &ctx, write, tls, data, ctl).await;
-    peer.halves.set(peer.halves.get() - 1);
-}
-
-/// Most forwarded frames written in one go.
-const WRITE_BATCH: usize = 64;
-
-async fn write_frames(
-    peer: &Rc<Peer>,
-    ctx: &ShardCtx,
-    mut write: OwnedWriteHalf<TcpStream>,
-    tls: Option<Tls>,
-    mut data: mpsc::Receiver<Queued>,
-    mut ctl: mpsc::UnboundedReceiver<Ctl>,
-) {
-    let mut sealed: Vec<u8> = Vec::new();
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut read_at: Vec<Instant> = Vec::new();
-    loop {
-        frames.clear();
-        read_at.clear();
-        let mut closing = false;
-        let mut take_ctl = |c: Ctl, frames: &mut Vec<Bytes>| match c {
-            Ctl::Frame(f) => frames.push(Bytes::from(f)),
-            Ctl::FlushTls => {}
-            Ctl::Close(code, reason) => {
-                frames.push(Bytes::from(ws::close_frame(code, &reason)));
-                closing = true;
-            }
-        };
-        while let Ok(c) = ctl.try_recv() {
-            take_ctl(c, &mut frames);
-        }
-        while frames.len() < WRITE_BATCH {
-            match data.try_recv() {
-                Ok((f, at)) => {
-                    frames.push(f);
-                    read_at.push(at);
-                }
-                Err(_) => break,
-            }
-        }
-        if frames.is_empty() {
-            monoio::select! {
-                c = ctl.recv() => match c {
-                    Some(c) => take_ctl(c, &mut frames),
-                    None => return,
-                },
-                d = data.recv() => match d {
-                    Some((f, at)) => {
-                        frames.push(f);
-                        read_at.push(at);
-                    }
-                    None => return,
-                },
-            }
-        }
-        let ok = match &tls {
-            Some(tls) => {
-                sealed.clear();
-                let ok = seal_all(tls, &frames, closing, &mut sealed);
-                if ok && !sealed.is_empty() {
-                    let (res, buf) = write.write_all(std::mem::take(&mut sealed)).await;
-                    sealed = buf;
-                    res.is_ok()
-                } else {
-                    ok
-                }
-            }
-            None => {
-                let mut ok = true;
-                for f in frames.drain(..) {
-                    let (res, _) = write.write_all(f).await;
-                    if res.is_err() {
-                        ok = false;
-                        break;
-                    }
-                }
-                ok
-            }
-        };
-        if ok {
-            for at in &read_at {
-                ctx.stats.forward_latency(at.elapsed());
-            }
-        }
-        if !ok || closing {
-            sys::shutdown_both(peer.fd);
-            if !ok {
-                peer.end(close_code::GOING_AWAY, "", "write_failed");
-            }
-            return;
         }
     }
 }

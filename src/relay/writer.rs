@@ -1,0 +1,131 @@
+//! A peer's writer: drains its control queue first, then forwarded frames, writes everything
+//! queued at once (one TLS seal and one write per batch), and records forwarding latency.
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
+use monoio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::pump::{Ctl, Peer, Queued, Tls};
+use super::{sys, ShardCtx};
+use crate::proto::ws::{self, close_code};
+
+/// Encrypts `frames` (and a close_notify when `closing`) into `out`.
+fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bool {
+    let mut session = tls.borrow_mut();
+    let mut ok = frames
+        .iter()
+        .all(|f| super::tls::seal(&mut session, f, out).is_ok());
+    if closing {
+        session.send_close_notify();
+        ok &= super::tls::seal(&mut session, &[], out).is_ok();
+    }
+    ok
+}
+
+/// Writes everything queued, then waits: control frames first, then forwarded frames.
+pub(super) async fn write_loop(
+    peer: Rc<Peer>,
+    ctx: Rc<ShardCtx>,
+    write: OwnedWriteHalf<TcpStream>,
+    tls: Option<Tls>,
+    data: mpsc::Receiver<Queued>,
+    ctl: mpsc::UnboundedReceiver<Ctl>,
+) {
+    write_frames(&peer, &ctx, write, tls, data, ctl).await;
+    peer.halves.set(peer.halves.get() - 1);
+}
+
+/// Most forwarded frames written in one go.
+const WRITE_BATCH: usize = 64;
+
+async fn write_frames(
+    peer: &Rc<Peer>,
+    ctx: &ShardCtx,
+    mut write: OwnedWriteHalf<TcpStream>,
+    tls: Option<Tls>,
+    mut data: mpsc::Receiver<Queued>,
+    mut ctl: mpsc::UnboundedReceiver<Ctl>,
+) {
+    let mut sealed: Vec<u8> = Vec::new();
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut read_at: Vec<Instant> = Vec::new();
+    loop {
+        frames.clear();
+        read_at.clear();
+        let mut closing = false;
+        let mut take_ctl = |c: Ctl, frames: &mut Vec<Bytes>| match c {
+            Ctl::Frame(f) => frames.push(Bytes::from(f)),
+            Ctl::FlushTls => {}
+            Ctl::Close(code, reason) => {
+                frames.push(Bytes::from(ws::close_frame(code, &reason)));
+                closing = true;
+            }
+        };
+        while let Ok(c) = ctl.try_recv() {
+            take_ctl(c, &mut frames);
+        }
+        while frames.len() < WRITE_BATCH {
+            match data.try_recv() {
+                Ok((f, at)) => {
+                    frames.push(f);
+                    read_at.push(at);
+                }
+                Err(_) => break,
+            }
+        }
+        if frames.is_empty() {
+            monoio::select! {
+                c = ctl.recv() => match c {
+                    Some(c) => take_ctl(c, &mut frames),
+                    None => return,
+                },
+                d = data.recv() => match d {
+                    Some((f, at)) => {
+                        frames.push(f);
+                        read_at.push(at);
+                    }
+                    None => return,
+                },
+            }
+        }
+        let ok = match &tls {
+            Some(tls) => {
+                sealed.clear();
+                let ok = seal_all(tls, &frames, closing, &mut sealed);
+                if ok && !sealed.is_empty() {
+                    let (res, buf) = write.write_all(std::mem::take(&mut sealed)).await;
+                    sealed = buf;
+                    res.is_ok()
+                } else {
+                    ok
+                }
+            }
+            None => {
+                let mut ok = true;
+                for f in frames.drain(..) {
+                    let (res, _) = write.write_all(f).await;
+                    if res.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                ok
+            }
+        };
+        if ok {
+            for at in &read_at {
+                ctx.stats.forward_latency(at.elapsed());
+            }
+        }
+        if !ok || closing {
+            sys::shutdown_both(peer.fd);
+            if !ok {
+                peer.end(close_code::GOING_AWAY, "", "write_failed");
+            }
+            return;
+        }
+    }
+}
