@@ -291,6 +291,13 @@ pub enum ConnectionEventKind {
         /// The smoothed round trip, microseconds.
         smoothed_us: u64,
     },
+    /// Bytes carried so far on this connection (reported with pings and at disconnect).
+    Traffic {
+        /// Bytes the side sent (read by the relay from it).
+        sent: u64,
+        /// Bytes the side received (written by the relay to it).
+        received: u64,
+    },
 }
 
 /// A connection event from the data plane, persisted by the control plane in batches.

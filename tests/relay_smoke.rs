@@ -127,6 +127,32 @@ async fn smoke(driver: IoDriver) {
             }
         }
     }
+    // Describe shows what each side sent and received on its connection.
+    let mut d = serde_json::Value::Null;
+    for _ in 0..500 {
+        d = t.get(&format!("/v1/tunnels/{id}"), &f.key).await.1;
+        if d["client"]["state"] == "DISCONNECTED"
+            && d["device"]["state"] == "DISCONNECTED"
+            && d["device"]["bytes_sent"].as_u64() > Some(0)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (client_sent, device_received) = (
+        d["client"]["bytes_sent"].as_u64().unwrap(),
+        d["device"]["bytes_received"].as_u64().unwrap(),
+    );
+    assert!(client_sent >= bytes.len() as u64, "{d}");
+    assert!(device_received >= bytes.len() as u64, "{d}");
+    assert!(
+        d["device"]["bytes_sent"].as_u64().unwrap() >= back.len() as u64,
+        "{d}"
+    );
+    assert!(
+        d["client"]["bytes_received"].as_u64().unwrap() >= back.len() as u64,
+        "{d}"
+    );
 }
 
 #[tokio::test]

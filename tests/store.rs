@@ -262,12 +262,8 @@ async fn contract(s: Arc<dyn Store>) {
                 addr: "5.6.7.8:9".into(),
             },
         ),
-        ev(
-            Side::Device,
-            ConnectionEventKind::Disconnected {
-                reason: "peer_gone".into(),
-            },
-        ),
+                ev(Side::Device, ConnectionEventKind::Traffic { sent: 123, received: 456 }),
+        ev(Side::Device, ConnectionEventKind::Disconnected { reason: "peer_gone".into() }),
     ])
     .await
     .unwrap();
@@ -277,6 +273,7 @@ async fn contract(s: Arc<dyn Store>) {
         (true, Some(10), Some(9))
     );
     assert_eq!((t.device.connected, t.device.updated_at), (false, Some(60)));
+    assert_eq!((t.device.bytes_sent, t.device.bytes_received), (123, 456));
     s.reset_connections(70).await.unwrap();
     let t = s.get_tunnel("acc_a".into(), "t1".into()).await.unwrap();
     assert_eq!((t.client.connected, t.client.updated_at), (false, Some(70)));

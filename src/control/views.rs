@@ -182,6 +182,10 @@ pub struct PeerView {
     pub smoothed_rtt_ms: Option<f64>,
     /// The peer's address.
     pub address: Option<String>,
+    /// Bytes this side sent through the relay on its current (or last) connection.
+    pub bytes_sent: u64,
+    /// Bytes this side received through the relay on its current (or last) connection.
+    pub bytes_received: u64,
 }
 
 impl From<&PeerStatus> for PeerView {
@@ -197,6 +201,8 @@ impl From<&PeerStatus> for PeerView {
             rtt_ms: p.rtt_us.map(|us| us as f64 / 1000.0),
             smoothed_rtt_ms: p.srtt_us.map(|us| us as f64 / 1000.0),
             address: p.addr.clone(),
+            bytes_sent: p.bytes_sent,
+            bytes_received: p.bytes_received,
         }
     }
 }

@@ -87,6 +87,10 @@ pub(super) struct Peer {
     srtt_us: Cell<Option<u64>>,
     /// Halves of the socket still alive; the fd stays open (and ours) while any is.
     pub(super) halves: Cell<u8>,
+    /// Bytes read from the peer.
+    bytes_sent: Cell<u64>,
+    /// Bytes written to the peer.
+    pub(super) bytes_received: Cell<u64>,
 }
 
 impl Peer {
@@ -237,6 +241,8 @@ impl Shard {
             last_pong: Cell::new(Instant::now()),
             srtt_us: Cell::new(None),
             halves: Cell::new(2),
+            bytes_sent: Cell::new(0),
+            bytes_received: Cell::new(0),
         });
         if up.aws_version.is_some_and(|v| v.has_service_ids()) {
             if let Ok(frame) = aws::server_frame(&aws::service_ids_message(&slot.tunnel.services)) {
@@ -304,6 +310,7 @@ impl Shard {
         }
         slot.peers[slot_of(peer.side)].replace(None);
         self.side_left(&slot, &peer);
+        self.report_traffic(&slot, &peer);
         self.ctx.event(
             &slot.tunnel.tunnel_id,
             peer.side,
@@ -418,6 +425,8 @@ impl Shard {
                     break;
                 }
                 let mut frame = buf.split_to(frame_len);
+                peer.bytes_sent
+                    .set(peer.bytes_sent.get() + frame_len as u64);
                 ws::unmask(&mut frame[hdr.header_len..], hdr.mask);
                 match hdr.opcode {
                     OpCode::Ping => match ws::pong_frame(&frame[hdr.header_len..]) {
@@ -539,6 +548,14 @@ impl Shard {
         }
     }
 
+    fn report_traffic(&self, slot: &Slot, peer: &Peer) {
+        let kind = ConnectionEventKind::Traffic {
+            sent: peer.bytes_sent.get(),
+            received: peer.bytes_received.get(),
+        };
+        self.ctx.event(&slot.tunnel.tunnel_id, peer.side, kind);
+    }
+
     fn on_pong(&self, slot: &Slot, peer: &Peer, payload: &[u8]) {
         peer.last_pong.set(Instant::now());
         let Ok(sent) = <[u8; 8]>::try_from(payload) else {
@@ -548,6 +565,7 @@ impl Shard {
         // RFC 6298 smoothing: srtt = 7/8 srtt + 1/8 rtt.
         let srtt = peer.srtt_us.get().map_or(rtt, |s| (7 * s + rtt) / 8);
         self.ctx.stats.rtt(peer.side, Duration::from_micros(rtt));
+        self.report_traffic(slot, peer);
         peer.srtt_us.set(Some(srtt));
         self.ctx.event(
             &slot.tunnel.tunnel_id,

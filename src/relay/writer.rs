@@ -91,6 +91,7 @@ async fn write_frames(
                 },
             }
         }
+        let written: u64 = frames.iter().map(|f| f.len() as u64).sum();
         let ok = match &tls {
             Some(tls) => {
                 sealed.clear();
@@ -116,6 +117,7 @@ async fn write_frames(
             }
         };
         if ok {
+            peer.bytes_received.set(peer.bytes_received.get() + written);
             for at in &read_at {
                 ctx.stats.forward_latency(at.elapsed());
             }

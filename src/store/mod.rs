@@ -119,6 +119,10 @@ pub struct PeerStatus {
     pub srtt_us: Option<u64>,
     /// The peer's address while connected (or last connected).
     pub addr: Option<String>,
+    /// Bytes the side sent on its current (or last) connection.
+    pub bytes_sent: u64,
+    /// Bytes the side received on its current (or last) connection.
+    pub bytes_received: u64,
 }
 
 /// A tunnel as stored.

@@ -18,7 +18,8 @@ use crate::seam::ConnectionEventKind;
 const MAX_BATCH: usize = 512;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -76,7 +77,14 @@ CREATE INDEX tunnels_by_account ON tunnels(account_id, seq);
 CREATE INDEX tunnels_by_device ON tunnels(product_key, device_name, state);
 CREATE INDEX tunnels_by_expiry ON tunnels(state, expires_at);
 CREATE INDEX tunnels_by_created ON tunnels(created_at);
-"#];
+"#,
+    r#"
+ALTER TABLE tunnels ADD COLUMN device_bytes_sent INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tunnels ADD COLUMN device_bytes_received INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tunnels ADD COLUMN client_bytes_sent INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tunnels ADD COLUMN client_bytes_received INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 trait Job: Send {
     /// Runs against the open transaction; returns whether it succeeded and how to answer once
@@ -231,7 +239,8 @@ const TUNNEL_COLUMNS: &str = "seq, id, account_id, product_key, device_name, cus
     description, services, state, created_at, expires_at, closed_at, close_reason, \
     client_token_hash, device_token_hash, device_token_seed, device_connected, \
     device_updated_at, device_rtt_us, device_srtt_us, device_addr, client_connected, \
-    client_updated_at, client_rtt_us, client_srtt_us, client_addr";
+    client_updated_at, client_rtt_us, client_srtt_us, client_addr, device_bytes_sent, \
+    device_bytes_received, client_bytes_sent, client_bytes_received";
 
 fn hash32(v: Vec<u8>) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -241,13 +250,16 @@ fn hash32(v: Vec<u8>) -> [u8; 32] {
     out
 }
 
-fn peer_from_row(row: &Row<'_>, base: usize) -> rusqlite::Result<PeerStatus> {
+/// One side's columns: five from `base`, and its two byte counters from `bytes`.
+fn peer_from_row(row: &Row<'_>, base: usize, bytes: usize) -> rusqlite::Result<PeerStatus> {
     Ok(PeerStatus {
         connected: row.get::<_, i64>(base)? != 0,
         updated_at: row.get(base + 1)?,
         rtt_us: row.get::<_, Option<i64>>(base + 2)?.map(|v| v as u64),
         srtt_us: row.get::<_, Option<i64>>(base + 3)?.map(|v| v as u64),
         addr: row.get(base + 4)?,
+        bytes_sent: row.get::<_, i64>(bytes)? as u64,
+        bytes_received: row.get::<_, i64>(bytes + 1)? as u64,
     })
 }
 
@@ -271,8 +283,8 @@ fn tunnel_from_row(row: &Row<'_>) -> rusqlite::Result<Tunnel> {
         client_token_hash: hash32(row.get(13)?),
         device_token_hash: hash32(row.get(14)?),
         device_token_seed: hash32(row.get(15)?),
-        device: peer_from_row(row, 16)?,
-        client: peer_from_row(row, 21)?,
+        device: peer_from_row(row, 16, 26)?,
+        client: peer_from_row(row, 21, 28)?,
     })
 }
 
@@ -801,7 +813,8 @@ impl Store for SqliteStore {
                     ConnectionEventKind::Connected { addr } => c.execute(
                         &format!(
                             "UPDATE tunnels SET {side}_connected = 1, {side}_updated_at = ?1, \
-                             {side}_addr = ?2 WHERE id = ?3"
+                             {side}_addr = ?2, {side}_bytes_sent = 0, {side}_bytes_received = 0 \
+                             WHERE id = ?3"
                         ),
                         params![e.at, addr, e.tunnel_id],
                     ),
@@ -817,6 +830,13 @@ impl Store for SqliteStore {
                             "UPDATE tunnels SET {side}_rtt_us = ?1, {side}_srtt_us = ?2 WHERE id = ?3"
                         ),
                         params![*last_us as i64, *smoothed_us as i64, e.tunnel_id],
+                    ),
+                    ConnectionEventKind::Traffic { sent, received } => c.execute(
+                        &format!(
+                            "UPDATE tunnels SET {side}_bytes_sent = ?1, {side}_bytes_received = ?2 \
+                             WHERE id = ?3"
+                        ),
+                        params![*sent as i64, *received as i64, e.tunnel_id],
                     ),
                 };
                 res.map_err(backend)?;
