@@ -575,12 +575,19 @@ impl Store for SqliteStore {
             if !exists {
                 return Err(StoreError::NotFound);
             }
+            // Counting stops at the limit, so a high limit doesn't make every create scan all
+            // of a busy device's open tunnels.
             let open: u32 = c
                 .prepare_cached(
-                    "SELECT COUNT(*) FROM tunnels WHERE product_key = ?1 AND device_name = ?2 \
-                     AND state = 'OPEN'",
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tunnels WHERE product_key = ?1 \
+                     AND device_name = ?2 AND state = 'OPEN' LIMIT ?3)",
                 )
-                .and_then(|mut s| s.query_row(params![t.product_key, t.device_name], |r| r.get(0)))
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![t.product_key, t.device_name, t.max_open_per_device],
+                        |r| r.get(0),
+                    )
+                })
                 .map_err(backend)?;
             if open >= t.max_open_per_device {
                 return Err(StoreError::TunnelLimit(t.max_open_per_device));
