@@ -101,6 +101,9 @@ pub struct DeviceArgs {
     /// Device agent relay flags.
     #[command(flatten)]
     pub relay: crate::agent::device::RelayArgs,
+    /// Device agent MQTT flags (notifications from a broker instead of the device channel).
+    #[command(flatten)]
+    pub mqtt: crate::agent::device::MqttAgentArgs,
 }
 
 /// `iotunnel device ...`
@@ -246,16 +249,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: None,
             agent,
             relay,
+            mqtt,
         }) => {
             init_server_logging();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let options = crate::agent::device::AgentOptions {
-                channel: agent,
-                relay,
+            let config = crate::agent::device::AgentConfig {
+                options: crate::agent::device::AgentOptions {
+                    channel: agent,
+                    relay,
+                },
+                mqtt,
             };
-            rt.block_on(crate::agent::device::run(options))
+            rt.block_on(crate::agent::device::run(config))
         }
         Command::Client(args) => {
             // With --stdio, stdout carries the tunnel: logs go to stderr, warnings only.

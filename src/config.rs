@@ -35,8 +35,12 @@ pub const DEFAULT_PEER_PING_INTERVAL_MS: u64 = 20_000;
 /// Handshakes in progress per IP: enough for a NATed site, too few to starve others.
 pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 64;
 
+/// Default AWS thing name of a device in MQTT notifications (issue 4).
+pub const DEFAULT_MQTT_THING_TEMPLATE: &str = "{product_key}_{device_name}";
+
 /// A secret string that never shows in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
 
 impl fmt::Debug for Secret {
@@ -126,6 +130,27 @@ pub struct Knobs {
     /// Alibaba family: how long a device has to answer session_create, ms [default: 10000].
     #[arg(long, env = "IOTUNNEL_SESSION_CREATE_TIMEOUT_MS")]
     pub session_create_timeout_ms: Option<u64>,
+    /// MQTT broker (mqtt://HOST:PORT or mqtts://HOST:PORT) to publish device notifications to
+    /// and to learn device presence from [default: none].
+    #[arg(long, env = "IOTUNNEL_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// MQTT user name.
+    #[arg(long, env = "IOTUNNEL_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// MQTT password.
+    #[arg(long, env = "IOTUNNEL_MQTT_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub mqtt_password: Option<Secret>,
+    /// PEM CA certificates to trust for an mqtts:// broker [default: the public web PKI roots].
+    #[arg(long, env = "IOTUNNEL_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// AWS thing name of a device in notifications [default: {product_key}_{device_name}].
+    #[arg(long, env = "IOTUNNEL_MQTT_THING_TEMPLATE")]
+    pub mqtt_thing_template: Option<String>,
+}
+
+/// Parses a secret flag value.
+pub fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_string()))
 }
 
 impl Knobs {
@@ -155,7 +180,12 @@ impl Knobs {
             max_frame_payload,
             max_sessions_per_tunnel,
             max_handshakes_per_ip,
-            session_create_timeout_ms
+            session_create_timeout_ms,
+            mqtt_url,
+            mqtt_username,
+            mqtt_password,
+            mqtt_ca_file,
+            mqtt_thing_template
         )
     }
 }
@@ -231,6 +261,126 @@ impl PublicEndpoint {
     }
 }
 
+/// An MQTT broker address: `mqtt://host:port` (plain TCP, default port 1883) or
+/// `mqtts://host:port` (TLS, default port 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttUrl {
+    /// Host name or IP address, without brackets.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Whether the broker speaks TLS.
+    pub tls: bool,
+}
+
+impl MqttUrl {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (also `tcp://` and `ssl://`).
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtt://").or(s.strip_prefix("tcp://")) {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("mqtts://").or(s.strip_prefix("ssl://")) {
+            (true, r)
+        } else {
+            bail!("MQTT url {s:?} must start with mqtt:// or mqtts://");
+        };
+        let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .with_context(|| format!("MQTT url {s:?} has an invalid host"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if after.is_empty() => None,
+                None => bail!("MQTT url {s:?} has an invalid host"),
+            };
+            (host, port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        let port = match port {
+            Some(p) => p
+                .parse()
+                .with_context(|| format!("MQTT url {s:?} has an invalid port"))?,
+            None => default_port,
+        };
+        if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+            bail!("MQTT url {s:?} has an invalid host");
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            tls,
+        })
+    }
+}
+
+/// The server's MQTT settings (issue 4): where device notifications are published and
+/// presence is read.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// The broker.
+    pub url: MqttUrl,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// Password (never logged).
+    pub password: Option<Secret>,
+    /// CA certificates to trust for mqtts (None: the public web PKI roots).
+    pub ca_file: Option<PathBuf>,
+    /// AWS thing name template with `{product_key}` and `{device_name}`.
+    pub thing_template: String,
+}
+
+impl MqttSettings {
+    /// Builds and checks the MQTT settings from the merged knobs; None when no URL is set.
+    fn from_knobs(
+        url: Option<String>,
+        username: Option<String>,
+        password: Option<Secret>,
+        ca_file: Option<PathBuf>,
+        thing_template: Option<String>,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(url) = url else {
+            if username.is_some() || password.is_some() || ca_file.is_some() {
+                bail!("--mqtt-username, --mqtt-password and --mqtt-ca-file need --mqtt-url");
+            }
+            return Ok(None);
+        };
+        let url = MqttUrl::parse(&url)?;
+        if password.is_some() && username.is_none() {
+            bail!("--mqtt-password needs --mqtt-username");
+        }
+        let thing_template =
+            thing_template.unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
+        let sample = thing_template
+            .replace("{product_key}", "p")
+            .replace("{device_name}", "d");
+        if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
+            bail!(
+                "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
+                 {{device_name}}, and no '/', '+' or '#'"
+            );
+        }
+        Ok(Some(Self {
+            url,
+            username,
+            password,
+            ca_file,
+            thing_template,
+        }))
+    }
+
+    /// The AWS thing name of a device.
+    pub fn thing_name(&self, product_key: &str, device_name: &str) -> String {
+        self.thing_template
+            .replace("{product_key}", product_key)
+            .replace("{device_name}", device_name)
+    }
+}
+
 /// Validated server settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -278,6 +428,8 @@ pub struct Settings {
     pub session_create_timeout_ms: u64,
     /// Admin API key from `IOTUNNEL_ADMIN_KEY`, if set.
     pub admin_key: Option<Secret>,
+    /// MQTT notifications and presence, when `--mqtt-url` is set.
+    pub mqtt: Option<MqttSettings>,
 }
 
 impl Settings {
@@ -309,6 +461,13 @@ impl Settings {
                 port: relay_addr.port(),
             },
         };
+        let mqtt = MqttSettings::from_knobs(
+            k.mqtt_url,
+            k.mqtt_username,
+            k.mqtt_password,
+            k.mqtt_ca_file,
+            k.mqtt_thing_template,
+        )?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let settings = Self {
             data_dir: k
@@ -353,6 +512,7 @@ impl Settings {
                 .session_create_timeout_ms
                 .unwrap_or(crate::proto::aliyun::SESSION_CREATE_TIMEOUT.as_millis() as u64),
             admin_key,
+            mqtt,
         };
         settings.validate()?;
         Ok(settings)
@@ -459,6 +619,52 @@ mod tests {
         );
         assert!(PublicEndpoint::parse("nohost").is_err());
         assert!(PublicEndpoint::parse("h:99999").is_err());
+    }
+
+    #[test]
+    fn mqtt_settings_parse_and_validate() {
+        let file = FileConfig::parse(
+            "mqtt_url = \"mqtts://broker.example:8884\"\nmqtt_username = \"srv\"\n\
+             mqtt_password = \"hunter2\"\nmqtt_thing_template = \"t-{device_name}\"",
+        )
+        .unwrap();
+        let s = Settings::merge(Knobs::default(), file, None).unwrap();
+        let m = s.mqtt.as_ref().unwrap();
+        assert_eq!(
+            m.url,
+            MqttUrl {
+                host: "broker.example".into(),
+                port: 8884,
+                tls: true
+            }
+        );
+        assert_eq!(m.thing_name("pk", "dev"), "t-dev");
+        assert!(!format!("{s:?}").contains("hunter2"));
+
+        let flags = Knobs {
+            mqtt_url: Some("mqtt://127.0.0.1".into()),
+            ..Default::default()
+        };
+        let s = Settings::merge(flags, Knobs::default(), None).unwrap();
+        let m = s.mqtt.unwrap();
+        assert_eq!((m.url.port, m.url.tls), (1883, false));
+        assert_eq!(m.thing_name("pk_1", "d-1"), "pk_1_d-1");
+        assert_eq!(MqttUrl::parse("mqtt://[::1]:1884").unwrap().host, "::1");
+
+        for bad in [
+            "mqtt_url = \"http://x:1\"",
+            "mqtt_url = \"mqtt://x:notaport\"",
+            "mqtt_url = \"mqtt://x\"\nmqtt_thing_template = \"a/{device_name}\"",
+            "mqtt_url = \"mqtt://x\"\nmqtt_thing_template = \"{tenant}\"",
+            "mqtt_url = \"mqtt://x\"\nmqtt_password = \"p\"",
+            "mqtt_username = \"u\"",
+        ] {
+            let file = FileConfig::parse(bad).unwrap();
+            assert!(
+                Settings::merge(Knobs::default(), file, None).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

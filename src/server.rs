@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::control::{api, lifecycle, ControlPlane};
+use crate::control::{api, lifecycle, mqtt, ControlPlane};
 use crate::seam::{ConnectionEvent, DataPlaneSeam, TunnelIndex};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -221,14 +221,25 @@ impl Server {
         let io_driver = settings.io_driver;
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let control = Arc::new(ControlPlane::new(
+        let (notifier, mqtt_loop) = match &settings.mqtt {
+            Some(m) => {
+                let (n, eventloop) = mqtt::MqttNotifier::new(m).context("cannot set up MQTT")?;
+                (Some(Arc::new(n)), Some(eventloop))
+            }
+            None => (None, None),
+        };
+        let mut control = ControlPlane::new(
             store.clone(),
             clock.clone(),
             settings,
             index.clone(),
             relay_tx,
             token_key,
-        ));
+        );
+        if let Some(n) = notifier {
+            control = control.with_mqtt(n);
+        }
+        let control = Arc::new(control);
         for t in store.all_open_tunnels().await? {
             control.index_tunnel(&t);
         }
@@ -241,6 +252,13 @@ impl Server {
             tokio::spawn(persist_events(store, events_rx, shutdown_rx.clone())),
             tokio::spawn(lifecycle::run_sweeper(control.clone(), shutdown_rx.clone())),
         ];
+        if let Some(eventloop) = mqtt_loop {
+            tasks.push(tokio::spawn(mqtt::run(
+                control.clone(),
+                eventloop,
+                shutdown_rx.clone(),
+            )));
+        }
         let api_metrics = Arc::new(crate::metrics::ApiMetrics::default());
         let app = api::router(control.clone(), api_metrics.clone());
         let mut stop = shutdown_rx.clone();

@@ -262,8 +262,19 @@ async fn contract(s: Arc<dyn Store>) {
                 addr: "5.6.7.8:9".into(),
             },
         ),
-                ev(Side::Device, ConnectionEventKind::Traffic { sent: 123, received: 456 }),
-        ev(Side::Device, ConnectionEventKind::Disconnected { reason: "peer_gone".into() }),
+        ev(
+            Side::Device,
+            ConnectionEventKind::Traffic {
+                sent: 123,
+                received: 456,
+            },
+        ),
+        ev(
+            Side::Device,
+            ConnectionEventKind::Disconnected {
+                reason: "peer_gone".into(),
+            },
+        ),
     ])
     .await
     .unwrap();

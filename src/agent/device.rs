@@ -3,6 +3,9 @@
 //! `connect` it dials the relay as the destination (AWS V3) with the notified token and opens a
 //! TCP connection to the mapped local service for every stream and connection the client
 //! starts ([`super::tunnels`]); on `close` it tears that tunnel down. Tokens are never logged.
+//!
+//! With `--mqtt-url` the agent takes the same notifications from an MQTT broker instead of the
+//! device channel ([`super::mqtt`]); the device secret is then not needed.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +53,25 @@ pub struct AgentArgs {
     pub device_secret: Option<Secret>,
 }
 
+/// The agent's MQTT flags: with `--mqtt-url`, notifications come from the broker instead of
+/// the device channel.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MqttAgentArgs {
+    /// MQTT broker (mqtt://HOST:PORT or mqtts://HOST:PORT) to take notifications from, instead
+    /// of the device channel.
+    #[arg(long, env = "IOTUNNEL_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// MQTT user name.
+    #[arg(long, env = "IOTUNNEL_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// MQTT password.
+    #[arg(long, env = "IOTUNNEL_MQTT_PASSWORD", hide_env_values = true, value_parser = crate::config::parse_secret)]
+    pub mqtt_password: Option<Secret>,
+    /// PEM CA certificates to trust for an mqtts:// broker [default: the public web PKI roots].
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+}
+
 /// The service a device offers when no `--service` is given: its SSH server.
 pub const DEFAULT_SERVICE: (&str, &str) = ("SSH", "127.0.0.1:22");
 
@@ -87,6 +109,10 @@ fn parse_service(text: &str) -> Result<(String, String), String> {
 /// device_name = "dev-1"
 /// device_secret = "..."          # or IOTUNNEL_DEVICE_SECRET
 /// ca_file = "/etc/iotunnel/ca.pem"
+/// # mqtt_url = "mqtts://broker.example.com:8883"   # notifications over MQTT instead
+/// # mqtt_username = "dev-1"
+/// # mqtt_password = "..."        # or IOTUNNEL_MQTT_PASSWORD
+/// # mqtt_ca_file = "/etc/iotunnel/broker-ca.pem"
 ///
 /// [services]
 /// SSH = "127.0.0.1:22"
@@ -105,6 +131,14 @@ pub struct AgentFile {
     pub device_secret: Option<String>,
     /// PEM CA file to trust.
     pub ca_file: Option<PathBuf>,
+    /// MQTT broker to take notifications from.
+    pub mqtt_url: Option<String>,
+    /// MQTT user name.
+    pub mqtt_username: Option<String>,
+    /// MQTT password.
+    pub mqtt_password: Option<Secret>,
+    /// PEM CA file to trust for an mqtts:// broker.
+    pub mqtt_ca_file: Option<PathBuf>,
     /// Service name -> `host:port`.
     #[serde(default)]
     pub services: BTreeMap<String, String>,
@@ -142,29 +176,81 @@ impl From<AgentArgs> for AgentOptions {
     }
 }
 
+/// The whole agent configuration: [`AgentOptions`] plus the MQTT flags.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Device-channel and relay flags.
+    pub options: AgentOptions,
+    /// MQTT flags (none set: the device channel).
+    pub mqtt: MqttAgentArgs,
+}
+
+impl From<AgentOptions> for AgentConfig {
+    fn from(options: AgentOptions) -> Self {
+        Self {
+            options,
+            mqtt: MqttAgentArgs::default(),
+        }
+    }
+}
+
+impl From<AgentArgs> for AgentConfig {
+    fn from(channel: AgentArgs) -> Self {
+        AgentOptions::from(channel).into()
+    }
+}
+
+/// How the agent reaches its broker, resolved.
+pub(super) struct MqttConn {
+    pub(super) url: crate::config::MqttUrl,
+    pub(super) username: Option<String>,
+    pub(super) password: Option<Secret>,
+    pub(super) ca_file: Option<PathBuf>,
+}
+
 /// The settings after merging flags over the config file.
 struct Resolved {
     api_url: String,
     product_key: String,
     device_name: String,
-    secret: Secret,
+    /// Needed for the device channel only.
+    secret: Option<Secret>,
     ca_file: Option<PathBuf>,
     services: LocalServices,
+    mqtt: Option<MqttConn>,
 }
 
-impl AgentOptions {
+impl AgentConfig {
     fn resolve(self) -> anyhow::Result<Resolved> {
-        let file = match &self.relay.config {
+        let file = match &self.options.relay.config {
             Some(path) => AgentFile::load(path)?,
             None => AgentFile::default(),
         };
-        let c = self.channel;
+        let m = self.mqtt;
+        let mqtt = match m.mqtt_url.or(file.mqtt_url) {
+            Some(url) => {
+                let username = m.mqtt_username.or(file.mqtt_username);
+                let password = m.mqtt_password.or(file.mqtt_password);
+                if password.is_some() && username.is_none() {
+                    bail!("--mqtt-password needs --mqtt-username");
+                }
+                Some(MqttConn {
+                    url: crate::config::MqttUrl::parse(&url)?,
+                    username,
+                    password,
+                    ca_file: m.mqtt_ca_file.or(file.mqtt_ca_file),
+                })
+            }
+            None => None,
+        };
+        let options = self.options;
+        let c = options.channel;
         // The API flag always has a value: the file wins only over the built-in default.
         let api_url = match file.api {
             Some(api) if c.api_url == DEFAULT_API => api,
             _ => c.api_url,
         };
-        let mut services: BTreeMap<String, String> = self.relay.services.into_iter().collect();
+        let mut services: BTreeMap<String, String> = options.relay.services.into_iter().collect();
         if services.is_empty() {
             services = file.services;
         }
@@ -182,12 +268,14 @@ impl AgentOptions {
                 .device_name
                 .or(file.device_name)
                 .context("--device-name is required")?,
-            secret: c
-                .device_secret
-                .or(file.device_secret.map(Secret))
-                .context("--device-secret or IOTUNNEL_DEVICE_SECRET is required")?,
-            ca_file: self.relay.ca_file.or(file.ca_file),
+            secret: match c.device_secret.or(file.device_secret.map(Secret)) {
+                Some(s) => Some(s),
+                None if mqtt.is_some() => None,
+                None => bail!("--device-secret or IOTUNNEL_DEVICE_SECRET is required"),
+            },
+            ca_file: options.relay.ca_file.or(file.ca_file),
             services: LocalServices(services),
+            mqtt,
         })
     }
 }
@@ -203,10 +291,10 @@ enum Ended {
     Retry(String),
 }
 
-/// Runs the agent until the device is deleted or replaced; network errors never end it.
-pub async fn run(options: impl Into<AgentOptions>) -> anyhow::Result<()> {
-    let r = options.into().resolve()?;
-    let url = channel_url(&r.api_url)?;
+/// Runs the agent until the device is deleted or replaced; network errors never end it. With
+/// MQTT flags it takes its notifications from the broker and runs until aborted.
+pub async fn run(config: impl Into<AgentConfig>) -> anyhow::Result<()> {
+    let r = config.into().resolve()?;
     let tls = dial::tls_config(r.ca_file.as_deref())?;
     for (name, addr) in &r.services.0 {
         tracing::info!(service = %name, address = %addr, "serving local service");
@@ -215,13 +303,20 @@ pub async fn run(options: impl Into<AgentOptions>) -> anyhow::Result<()> {
         tls: tls.clone(),
         local: Arc::new(r.services),
     });
+    if let Some(mqtt) = &r.mqtt {
+        return super::mqtt::run(mqtt, &r.product_key, &r.device_name, &tunnels).await;
+    }
+    let url = channel_url(&r.api_url)?;
+    let secret = r
+        .secret
+        .context("--device-secret or IOTUNNEL_DEVICE_SECRET is required")?;
     let mut backoff = FIRST_BACKOFF;
     loop {
         let ended = session(
             &url,
             &r.product_key,
             &r.device_name,
-            &r.secret,
+            &secret,
             &tls,
             &tunnels,
         );
@@ -326,8 +421,9 @@ struct Notification {
     reason: Option<String>,
 }
 
-/// Acts on one notification; a malformed one is logged (without its token) and skipped.
-fn on_notification(text: &str, tunnels: &Tunnels) {
+/// Acts on one notification (device channel or MQTT); a malformed one is logged (without its
+/// token) and skipped.
+pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
     let note: Notification = match serde_json::from_str(text) {
         Ok(n) => n,
         Err(e) => {
@@ -397,7 +493,7 @@ mod tests {
              device_secret = \"s\"\n[services]\nSSH = \"127.0.0.1:2222\"\n",
         )
         .unwrap();
-        let options = AgentOptions {
+        let options = AgentConfig::from(AgentOptions {
             channel: AgentArgs {
                 api_url: DEFAULT_API.into(),
                 product_key: None,
@@ -408,14 +504,28 @@ mod tests {
                 config: Some(path.clone()),
                 ..RelayArgs::default()
             },
-        };
-        let r = options.resolve().unwrap();
+        });
+        let r = options.clone().resolve().unwrap();
         assert_eq!(r.api_url, "http://10.0.0.1:8080");
         assert_eq!(
             (r.product_key.as_str(), r.device_name.as_str()),
             ("pk", "flag-name")
         );
         assert_eq!(r.services.resolve("SSH"), Some("127.0.0.1:2222"));
+        assert!(r.mqtt.is_none() && r.secret.is_some());
+
+        // MQTT mode from the file: no secret needed.
+        std::fs::write(
+            &path,
+            "product_key = \"pk\"\ndevice_name = \"d\"\nmqtt_url = \"mqtts://broker:8884\"\n\
+             mqtt_username = \"u\"\nmqtt_password = \"p\"\n",
+        )
+        .unwrap();
+        let r = options.clone().resolve().unwrap();
+        let m = r.mqtt.as_ref().unwrap();
+        assert_eq!((m.url.port, m.url.tls), (8884, true));
+        assert_eq!(m.username.as_deref(), Some("u"));
+        assert!(r.secret.is_none());
 
         std::fs::write(&path, "unknown_key = 1\n").unwrap();
         assert!(AgentFile::load(&path).is_err());

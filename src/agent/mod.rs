@@ -3,6 +3,7 @@
 pub mod client;
 pub mod device;
 pub mod dial;
+pub mod mqtt;
 pub mod mux;
 pub mod tunnels;
 mod wire;

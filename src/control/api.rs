@@ -276,7 +276,7 @@ async fn list_devices(
     let devices = devices
         .into_iter()
         .map(|d| {
-            let online = cp.channels.is_online(&d.product_key, &d.name);
+            let online = cp.is_online(&d.product_key, &d.name);
             DeviceView::new(d, online)
         })
         .collect();

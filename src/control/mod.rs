@@ -18,6 +18,7 @@ pub mod api;
 pub mod device_channel;
 pub mod error;
 pub mod lifecycle;
+pub mod mqtt;
 pub mod views;
 
 use device_channel::{ChannelMsg, DeviceChannels};
@@ -49,6 +50,21 @@ pub struct CreatedTunnel {
     pub client_token: String,
 }
 
+/// A notification for a device: sent on its channel and, with `--mqtt-url`, published to the
+/// broker ([`mqtt`]).
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceEvent<'a> {
+    /// Connect to (or, after a rotate, reconnect to) an OPEN tunnel.
+    Connect(&'a Tunnel),
+    /// A tunnel closed.
+    Close {
+        /// The tunnel.
+        tunnel_id: &'a str,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
 /// Shared state of the control plane.
 pub struct ControlPlane {
     /// The store.
@@ -61,6 +77,8 @@ pub struct ControlPlane {
     pub index: Arc<TunnelIndex>,
     /// Connected device channels.
     pub channels: DeviceChannels,
+    /// The MQTT broker link, when `--mqtt-url` is set.
+    pub mqtt: Option<Arc<mqtt::MqttNotifier>>,
     relay: mpsc::UnboundedSender<RelayCommand>,
     /// Key from which device tokens are derived; never leaves the process.
     token_key: [u8; 32],
@@ -90,10 +108,44 @@ impl ControlPlane {
             settings,
             index,
             channels: DeviceChannels::default(),
+            mqtt: None,
             relay,
             token_key,
             accounts_by_key: DashMap::new(),
         }
+    }
+
+    /// Adds the MQTT broker link (before the control plane is shared).
+    pub fn with_mqtt(mut self, mqtt: Arc<mqtt::MqttNotifier>) -> Self {
+        self.mqtt = Some(mqtt);
+        self
+    }
+
+    /// Whether the device is online: its channel is up, or it announced itself over MQTT.
+    pub fn is_online(&self, product_key: &str, device_name: &str) -> bool {
+        self.channels.is_online(product_key, device_name)
+            || self
+                .mqtt
+                .as_ref()
+                .is_some_and(|m| m.is_online(product_key, device_name))
+    }
+
+    /// Notifies a device: on its channel if it is up, and on the MQTT broker if configured.
+    pub fn notify(&self, product_key: &str, device_name: &str, event: DeviceEvent<'_>) {
+        let native = match event {
+            DeviceEvent::Connect(t) => self.connect_notification(t),
+            DeviceEvent::Close { tunnel_id, reason } => Self::close_notification(tunnel_id, reason),
+        };
+        if let Some(m) = &self.mqtt {
+            match event {
+                DeviceEvent::Connect(t) => m.publish_connect(self, t, &native),
+                DeviceEvent::Close { tunnel_id, reason } => {
+                    m.publish_close(product_key, device_name, tunnel_id, reason, &native)
+                }
+            }
+        }
+        self.channels
+            .send(product_key, device_name, ChannelMsg::Text(native));
     }
 
     /// The account an API key belongs to.
@@ -162,11 +214,12 @@ impl ControlPlane {
             .await?
             .filter(|d| d.account_id == account.id)
             .ok_or_else(|| ApiError::not_found("device"))?;
-        if !self.channels.is_online(&device.product_key, &device.name) {
+        if !self.is_online(&device.product_key, &device.name) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "device_offline",
-                "the device is offline: it must be connected on the device channel",
+                "the device is offline: it must be connected on the device channel or \
+                 announce itself online over MQTT",
             ));
         }
         let now = self.clock.now_ms();
@@ -194,10 +247,10 @@ impl ControlPlane {
             .await
             .map_err(|e| ApiError::from_store(e, "device"))?;
         self.index_tunnel(&tunnel);
-        self.channels.send(
+        self.notify(
             &tunnel.product_key,
             &tunnel.device_name,
-            ChannelMsg::Text(self.connect_notification(&tunnel)),
+            DeviceEvent::Connect(&tunnel),
         );
         tracing::info!(tunnel_id = %tunnel.id, product_key = %tunnel.product_key,
             device_name = %tunnel.device_name, "tunnel created");
@@ -245,10 +298,13 @@ impl ControlPlane {
             tunnel_id: t.id.clone(),
             reason,
         });
-        self.channels.send(
+        self.notify(
             &t.product_key,
             &t.device_name,
-            ChannelMsg::Text(Self::close_notification(&t.id, reason)),
+            DeviceEvent::Close {
+                tunnel_id: &t.id,
+                reason,
+            },
         );
         tracing::info!(tunnel_id = %t.id, reason = reason.as_str(), "tunnel closed");
     }
@@ -300,11 +356,7 @@ impl ControlPlane {
             });
         }
         if device_token.is_some() {
-            self.channels.send(
-                &t.product_key,
-                &t.device_name,
-                ChannelMsg::Text(self.connect_notification(&t)),
-            );
+            self.notify(&t.product_key, &t.device_name, DeviceEvent::Connect(&t));
         }
         tracing::info!(%tunnel_id, sides = ?sides, "tunnel tokens rotated");
         Ok((client_token, device_token))
