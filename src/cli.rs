@@ -237,7 +237,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => {
             let settings = Settings::resolve(&args)?;
-            init_server_logging();
+            init_server_logging(settings.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("iotunnel-control")
@@ -251,7 +251,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             relay,
             mqtt,
         }) => {
-            init_server_logging();
+            init_server_logging(crate::config::LogFormat::from_env());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -266,7 +266,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Client(args) => {
             // With --stdio, stdout carries the tunnel: logs go to stderr, warnings only.
-            init_logging(if args.stdio.is_some() { "warn" } else { "info" });
+            let level = if args.stdio.is_some() { "warn" } else { "info" };
+            init_logging(level, crate::config::LogFormat::from_env());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -284,11 +285,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_server_logging() {
-    init_logging("info");
+fn init_server_logging(format: crate::config::LogFormat) {
+    init_logging("info", format);
 }
 
-fn init_logging(default_level: &str) {
+fn init_logging(default_level: &str, format: crate::config::LogFormat) {
     let level = std::env::var("IOTUNNEL_LOG").unwrap_or_else(|_| default_level.into());
     // The WebSocket libraries trace whole frames, notifications with tokens included: never
     // below info, whatever IOTUNNEL_LOG asks.
@@ -296,11 +297,15 @@ fn init_logging(default_level: &str) {
         "{level},tungstenite=info,tokio_tungstenite=info"
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// A small client of the control API.

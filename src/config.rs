@@ -49,6 +49,27 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// From `IOTUNNEL_LOG_FORMAT` (for the agent and client, which have no config file).
+    pub fn from_env() -> Self {
+        match std::env::var("IOTUNNEL_LOG_FORMAT").as_deref() {
+            Ok("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
 /// How the relay's shards drive I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -146,6 +167,9 @@ pub struct Knobs {
     /// AWS thing name of a device in notifications [default: {product_key}_{device_name}].
     #[arg(long, env = "IOTUNNEL_MQTT_THING_TEMPLATE")]
     pub mqtt_thing_template: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, env = "IOTUNNEL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Parses a secret flag value.
@@ -185,7 +209,8 @@ impl Knobs {
             mqtt_username,
             mqtt_password,
             mqtt_ca_file,
-            mqtt_thing_template
+            mqtt_thing_template,
+            log_format
         )
     }
 }
@@ -428,6 +453,8 @@ pub struct Settings {
     pub session_create_timeout_ms: u64,
     /// Admin API key from `IOTUNNEL_ADMIN_KEY`, if set.
     pub admin_key: Option<Secret>,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// MQTT notifications and presence, when `--mqtt-url` is set.
     pub mqtt: Option<MqttSettings>,
 }
@@ -512,6 +539,7 @@ impl Settings {
                 .session_create_timeout_ms
                 .unwrap_or(crate::proto::aliyun::SESSION_CREATE_TIMEOUT.as_millis() as u64),
             admin_key,
+            log_format: k.log_format.unwrap_or_default(),
             mqtt,
         };
         settings.validate()?;

@@ -1285,3 +1285,34 @@ async fn cli_drives_the_api_end_to_end() {
 
     p.stop().await;
 }
+
+#[tokio::test]
+async fn json_log_lines_carry_request_ids() {
+    let (_tmp, data) = data_dir();
+    let mut p = ServerCmd::new(&data)
+        .env("IOTUNNEL_ADMIN_KEY", ADMIN_KEY)
+        .arg("--log-format", "json")
+        .start()
+        .await;
+    let (s, v) = p
+        .call(Method::GET, "/v1/tunnels/nope", ADMIN_KEY, None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let request_id = v["error"]["request_id"].as_str().unwrap().to_string();
+    p.stop().await;
+    let stderr = p.stderr();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty());
+    let tagged = lines
+        .iter()
+        .filter(|l| l["span"]["request_id"] == request_id.as_str())
+        .count();
+    assert!(
+        tagged >= 1,
+        "no JSON log line carries {request_id}:\n{stderr}"
+    );
+}
