@@ -419,6 +419,8 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// Host and port put into tunnel URLs.
     pub public_relay: PublicEndpoint,
+    /// `wss` or `ws`: the scheme of tunnel URLs.
+    pub public_relay_scheme: &'static str,
     /// Longest tunnel lifetime, seconds; also the default lifetime.
     pub max_lifetime_seconds: u32,
     /// Most OPEN tunnels per device.
@@ -477,6 +479,13 @@ impl Settings {
             v.unwrap_or_else(|| default.parse().expect("default addresses parse"))
         };
         let relay_addr = addr(k.relay_addr, DEFAULT_RELAY_ADDR);
+        // URLs name wss:// unless the public URL says ws://, or no public URL is given and
+        // the relay serves plaintext (a terminator in front would be named in the URL).
+        let public_relay_scheme = match k.public_relay_url.as_deref() {
+            Some(url) if url.starts_with("ws://") => "ws",
+            None if k.relay_plaintext == Some(true) => "ws",
+            _ => "wss",
+        };
         let public_relay = match k.public_relay_url {
             Some(url) => PublicEndpoint::parse(&url)?,
             None => PublicEndpoint {
@@ -504,6 +513,7 @@ impl Settings {
             relay_addr,
             metrics_addr: addr(k.metrics_addr, DEFAULT_METRICS_ADDR),
             public_relay,
+            public_relay_scheme,
             max_lifetime_seconds: k
                 .max_lifetime_seconds
                 .unwrap_or(DEFAULT_MAX_LIFETIME_SECONDS),
@@ -635,6 +645,25 @@ mod tests {
         assert_eq!((s.max_open_tunnels_per_device, s.retention_days), (3, 7));
         let file = FileConfig::parse("max_lifetime_seconds = 5").unwrap();
         assert!(Settings::merge(Knobs::default(), file, None).is_err());
+    }
+
+    #[test]
+    fn tunnel_urls_name_ws_only_when_told() {
+        let with = |url: Option<&str>, plaintext: Option<bool>| {
+            let k = Knobs {
+                public_relay_url: url.map(str::to_string),
+                relay_plaintext: plaintext,
+                ..Default::default()
+            };
+            Settings::merge(k, Knobs::default(), None)
+                .unwrap()
+                .public_relay_scheme
+        };
+        assert_eq!(with(None, None), "wss");
+        assert_eq!(with(None, Some(true)), "ws");
+        assert_eq!(with(Some("ws://relay:80"), None), "ws");
+        assert_eq!(with(Some("relay.example:443"), Some(true)), "wss");
+        assert_eq!(with(Some("wss://relay.example:443"), None), "wss");
     }
 
     #[test]

@@ -529,6 +529,154 @@ async fn idle_tunnels_answer_the_relay_pings_and_stay_up() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// An HTTP server behind the agent, alone and next to a second service
+// ---------------------------------------------------------------------------------------------
+
+/// A small HTTP server (axum) on 127.0.0.1:0: `GET /hello`, `POST /sha256` (answers
+/// "LEN HEX" of the body) and `GET /bytes/{n}` (`pattern(n, 5)`).
+async fn http_server() -> SocketAddr {
+    use axum::extract::Path as UrlPath;
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route("/hello", get(|| async { "hello from the device" }))
+        .route(
+            "/sha256",
+            post(|body: axum::body::Bytes| async move {
+                format!("{} {}", body.len(), hex::encode(Sha256::digest(&body)))
+            }),
+        )
+        .route(
+            "/bytes/{n}",
+            get(|UrlPath(n): UrlPath<usize>| async move { pattern(n, 5) }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// A reqwest client for the client's local listener (never through a proxy from the environment).
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// GET /hello, a POST of `len` bytes and a GET of `len` bytes through `addr`, all checked.
+async fn http_round(http: &reqwest::Client, addr: SocketAddr, len: usize, seed: u8) {
+    let base = format!("http://{addr}");
+    let hello = http.get(format!("{base}/hello")).send().await.unwrap();
+    assert_eq!(hello.status(), StatusCode::OK);
+    assert_eq!(hello.text().await.unwrap(), "hello from the device");
+
+    let body = pattern(len, seed);
+    let want = format!("{len} {}", hex::encode(Sha256::digest(&body)));
+    let posted = http
+        .post(format!("{base}/sha256"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), StatusCode::OK);
+    assert_eq!(
+        posted.text().await.unwrap(),
+        want,
+        "the server got other bytes"
+    );
+
+    let got = http
+        .get(format!("{base}/bytes/{len}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert!(
+        got.bytes().await.unwrap() == pattern(len, 5),
+        "GET /bytes/{len} differs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_server_behind_the_agent_answers_get_and_post() {
+    let t = server().await;
+    let d = device(&t, &[("HTTP", http_server().await.to_string())]).await;
+    let (_, url, token) = tunnel(&t, &d, &["HTTP"]).await;
+    let c = start_client(&t, &url, &token, &["HTTP=127.0.0.1:0"]).await;
+    let addr = listening(&c, "HTTP");
+
+    // One keep-alive connection, several requests on it.
+    let http = http_client();
+    within_for(Duration::from_secs(60), "HTTP through the tunnel", async {
+        http_round(&http, addr, 1, 1).await;
+        http_round(&http, addr, 1_500_000, 2).await;
+    })
+    .await;
+
+    // Requests in parallel: the pool opens more connections on the same tunnel.
+    let rounds = (0..8u8).map(|i| http_round(&http, addr, 100_000 + usize::from(i) * 4099, i));
+    within_for(
+        Duration::from_secs(60),
+        "parallel HTTP requests",
+        futures_util::future::join_all(rounds),
+    )
+    .await;
+
+    // A fresh client (fresh connections) still gets through.
+    within("one more request", http_round(&http_client(), addr, 10, 9)).await;
+    assert!(!d.agent.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_on_one_tunnel_work_at_the_same_time() {
+    let t = server().await;
+    let echo = echo_server().await;
+    let web = http_server().await;
+    let d = device(&t, &[("SSH", echo.to_string()), ("HTTP", web.to_string())]).await;
+    let (id, url, token) = tunnel(&t, &d, &["SSH", "HTTP"]).await;
+    let c = start_client(&t, &url, &token, &["SSH=127.0.0.1:0", "HTTP=127.0.0.1:0"]).await;
+    let (ssh, web) = (listening(&c, "SSH"), listening(&c, "HTTP"));
+
+    // A long-lived SSH connection is open throughout.
+    let mut long_lived = connect(ssh).await;
+    echo_through(&mut long_lived, 1000, 1).await;
+
+    // Both services' bytes interleave on the one relay connection.
+    let http = http_client();
+    let mut echoes = Vec::new();
+    for _ in 0..4 {
+        echoes.push(connect(ssh).await);
+    }
+    let echo_side = futures_util::future::join_all(
+        echoes
+            .iter_mut()
+            .enumerate()
+            .map(|(i, conn)| echo_through(conn, 400_000 + i * 1_009, 10 + i as u8)),
+    );
+    let http_side = futures_util::future::join_all(
+        (0..6u8).map(|i| http_round(&http, web, 200_000 + usize::from(i) * 3_001, 20 + i)),
+    );
+    within_for(Duration::from_secs(60), "SSH and HTTP together", async {
+        tokio::join!(
+            echo_side,
+            http_side,
+            echo_through(&mut long_lived, 300_000, 2)
+        )
+    })
+    .await;
+
+    // Ending all of one service's connections leaves the other service's stream alone.
+    drop(echoes);
+    drop(long_lived);
+    within("HTTP after SSH ended", http_round(&http, web, 50_000, 30)).await;
+    let mut again = connect(ssh).await;
+    echo_through(&mut again, 50_000, 31).await;
+    wait_side(&t, &d, &id, "device", "CONNECTED").await;
+    assert!(!d.agent.is_finished());
+}
+
+// ---------------------------------------------------------------------------------------------
 // Stock OpenSSH through a tunnel
 // ---------------------------------------------------------------------------------------------
 

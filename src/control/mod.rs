@@ -170,7 +170,11 @@ impl ControlPlane {
             Side::Client => "source",
             Side::Device => "device",
         };
-        format!("wss://{}/tunnel/{tunnel_id}/{path}", self.relay_endpoint())
+        let scheme = self.settings.public_relay_scheme;
+        format!(
+            "{scheme}://{}/tunnel/{tunnel_id}/{path}",
+            self.relay_endpoint()
+        )
     }
 
     /// The relay's public `host:port`.
