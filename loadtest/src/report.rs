@@ -1,0 +1,219 @@
+//! Results shared by the scenarios: a latency histogram per task, merged, then a table for people
+//! and a JSON document for scripts.
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Highest latency recorded exactly: 60 s in microseconds (longer ones are clamped).
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// A latency histogram in microseconds.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
+/// Records one latency.
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let us = (d.as_micros() as u64).clamp(1, MAX_LATENCY_US);
+    h.saturating_record(us);
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest seen.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Latency {
+    /// The percentiles of `h`.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Self {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// One scenario's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Scenario name, e.g. `create`.
+    pub scenario: String,
+    /// Measured seconds (from the start to the last task's end).
+    pub seconds: f64,
+    /// Successful operations.
+    pub ops: u64,
+    /// `ops / seconds`.
+    pub ops_per_sec: f64,
+    /// Latency of successful operations, microseconds.
+    pub latency_us: Latency,
+    /// Failed operations.
+    pub errors: u64,
+    /// Failed operations by kind (`429 tunnel_limit`, `transport timeout`, ...).
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// The scenario's parameters (clients, devices, API URL, ...).
+    pub params: BTreeMap<String, Value>,
+    /// Further scenario-specific results.
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl Report {
+    /// A report from the merged histogram and error counts.
+    pub fn new(
+        scenario: &str,
+        elapsed: Duration,
+        hist: &Histogram<u64>,
+        errors_by_kind: BTreeMap<String, u64>,
+    ) -> Self {
+        let seconds = elapsed.as_secs_f64();
+        let ops = hist.len();
+        Self {
+            scenario: scenario.to_string(),
+            seconds: (seconds * 1000.0).round() / 1000.0,
+            ops,
+            ops_per_sec: if seconds > 0.0 {
+                (ops as f64 / seconds * 10.0).round() / 10.0
+            } else {
+                0.0
+            },
+            latency_us: Latency::of(hist),
+            errors: errors_by_kind.values().sum(),
+            errors_by_kind,
+            params: BTreeMap::new(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Prints the human table.
+    pub fn print(&self, op_name: &str) {
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}={s}"),
+                v => format!("{k}={v}"),
+            })
+            .collect();
+        println!();
+        println!("scenario    {}  ({})", self.scenario, params.join(" "));
+        println!("duration    {:.2} s", self.seconds);
+        println!("{:<11} {} ok, {:.1}/s", op_name, self.ops, self.ops_per_sec);
+        let l = &self.latency_us;
+        println!(
+            "latency     {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "p50", "p90", "p99", "p99.9", "max", "mean"
+        );
+        println!(
+            "  (ms)      {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            ms(l.p50),
+            ms(l.p90),
+            ms(l.p99),
+            ms(l.p999),
+            ms(l.max),
+            l.mean / 1000.0
+        );
+        println!("errors      {}", self.errors);
+        for (kind, n) in &self.errors_by_kind {
+            println!("  {kind:<30} {n}");
+        }
+        for (k, v) in &self.extra {
+            println!("{k:<11} {v}");
+        }
+    }
+
+    /// Writes the JSON document to `path`.
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// Samples a running operation counter once a second until `stop` says so, returning the
+/// operations completed in each second (the last, partial second included): shows whether a
+/// rate holds steady or decays over a run.
+pub fn spawn_timeline(
+    counter: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut stop = stop;
+        let mut per_second = Vec::new();
+        let mut last = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            let done = tokio::select! {
+                _ = tick.tick() => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            let now = counter.load(Ordering::Relaxed);
+            per_second.push(now - last);
+            last = now;
+            if done {
+                return per_second;
+            }
+        }
+    })
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_fields() {
+        let mut h = latency_histogram();
+        for i in 1..=1000u64 {
+            record(&mut h, Duration::from_micros(i * 10));
+        }
+        let mut errs = BTreeMap::new();
+        errs.insert("409 device_offline".to_string(), 3);
+        let r = Report::new("create", Duration::from_secs(2), &h, errs);
+        assert_eq!(r.ops, 1000);
+        assert_eq!(r.ops_per_sec, 500.0);
+        assert_eq!(r.errors, 3);
+        assert!((4990..=5010).contains(&r.latency_us.p50));
+        assert!((9900..=9910).contains(&r.latency_us.p99));
+        let v = serde_json::to_value(&r).unwrap();
+        for f in [
+            "scenario",
+            "seconds",
+            "ops",
+            "ops_per_sec",
+            "latency_us",
+            "errors",
+        ] {
+            assert!(v.get(f).is_some(), "{f}");
+        }
+        for f in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(v["latency_us"].get(f).is_some(), "{f}");
+        }
+    }
+}
