@@ -695,11 +695,18 @@ impl Shard {
     }
 }
 
-/// Queues a frame for `peer` without waiting (relay-generated messages): a full queue drops
-/// the oldest guarantee we can keep, so it is logged.
+/// Queues a relay-generated frame for `peer`. The caller can't wait, so when the queue is full
+/// a task waits for room: the message is late, never lost (unless the peer goes away).
 fn queue_frame(peer: &Peer, frame: Bytes) {
-    if peer.data.try_send((frame, Instant::now())).is_err() {
-        tracing::warn!("peer queue full; relay message not delivered");
+    match peer.data.try_send((frame, Instant::now())) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            let data = peer.data.clone();
+            monoio::spawn(async move {
+                let _ = data.send(item).await;
+            });
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 
