@@ -11,12 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::peers::{within, within_for};
-use common::{TestServer, ADMIN_KEY};
+use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
 use iotunnel::agent::device::{self, AgentArgs, AgentOptions, RelayArgs};
-use iotunnel::clock::{Clock, ManualClock, SystemClock};
-use iotunnel::config::{PublicEndpoint, Secret, Settings};
-use iotunnel::server::{Listeners, Server};
+use iotunnel::config::{Secret, Settings};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -34,29 +32,7 @@ async fn server() -> TestServer {
 /// A server whose notifications and client URLs name `public_port` (default: the relay's),
 /// after `tweak` adjusts its settings.
 async fn server_at(public_port: Option<u16>, tweak: impl FnOnce(&mut Settings)) -> TestServer {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let clock = ManualClock::new(SystemClock.now_ms());
-    let mut settings = Settings::for_tests(dir.path().to_path_buf());
-    settings.admin_key = Some(Secret(ADMIN_KEY.into()));
-    tweak(&mut settings);
-    let listeners = Listeners::bind(&settings).await.unwrap();
-    let relay_port = listeners.relay[0].local_addr().unwrap().port();
-    let port = public_port.unwrap_or(relay_port);
-    settings.public_relay = PublicEndpoint {
-        host: "localhost".into(),
-        port,
-    };
-    let server = Server::start(settings, Arc::new(clock.clone()), listeners)
-        .await
-        .unwrap();
-    let base = format!("http://{}", server.api_addr);
-    TestServer {
-        server: Some(server),
-        clock,
-        dir,
-        base,
-        http: reqwest::Client::new(),
-    }
+    TestServer::start_dialable(Arc::new(tempfile::tempdir().unwrap()), public_port, tweak).await
 }
 
 fn ca(t: &TestServer) -> PathBuf {

@@ -12,12 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::peers::{within, within_for};
-use common::{TestServer, ADMIN_KEY};
+use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
 use iotunnel::agent::device::{self, AgentArgs, AgentOptions, RelayArgs};
-use iotunnel::clock::{Clock, ManualClock, SystemClock};
-use iotunnel::config::{PublicEndpoint, Secret, Settings};
-use iotunnel::server::{Listeners, Server};
+use iotunnel::config::Secret;
 use reqwest::StatusCode;
 use ring::digest::{Context, Digest, SHA256};
 use serde_json::json;
@@ -27,26 +25,7 @@ use tokio::task::JoinHandle;
 
 /// A server whose notifications and client URLs name the relay's real port.
 async fn server() -> TestServer {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let clock = ManualClock::new(SystemClock.now_ms());
-    let mut settings = Settings::for_tests(dir.path().to_path_buf());
-    settings.admin_key = Some(Secret(ADMIN_KEY.into()));
-    let listeners = Listeners::bind(&settings).await.unwrap();
-    settings.public_relay = PublicEndpoint {
-        host: "localhost".into(),
-        port: listeners.relay[0].local_addr().unwrap().port(),
-    };
-    let server = Server::start(settings, Arc::new(clock.clone()), listeners)
-        .await
-        .unwrap();
-    let base = format!("http://{}", server.api_addr);
-    TestServer {
-        server: Some(server),
-        clock,
-        dir,
-        base,
-        http: reqwest::Client::new(),
-    }
+    TestServer::start_dialable(Arc::new(tempfile::tempdir().unwrap()), None, |_| {}).await
 }
 
 /// A device with the agent running in-process, serving `services`.

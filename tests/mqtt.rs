@@ -9,16 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::peers::{within, within_for};
-use common::{DeviceChannel, TestServer, ADMIN_KEY};
+use common::{DeviceChannel, TestServer};
 use iotunnel::agent::client::{self, ClientArgs};
 use iotunnel::agent::device::{
     self, AgentArgs, AgentConfig, AgentOptions, MqttAgentArgs, RelayArgs,
 };
-use iotunnel::clock::{Clock, ManualClock, SystemClock};
-use iotunnel::config::{
-    MqttSettings, MqttUrl, PublicEndpoint, Secret, Settings, DEFAULT_MQTT_THING_TEMPLATE,
-};
-use iotunnel::server::{Listeners, Server};
+use iotunnel::config::{MqttSettings, MqttUrl, Secret, DEFAULT_MQTT_THING_TEMPLATE};
 use reqwest::StatusCode;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -54,36 +50,20 @@ async fn server_in(dir: Arc<tempfile::TempDir>) -> TestServer {
 
 /// A server whose broker is 127.0.0.1:`port`.
 async fn server_with_broker(dir: Arc<tempfile::TempDir>, port: u16) -> TestServer {
-    let clock = ManualClock::new(SystemClock.now_ms());
-    let mut settings = Settings::for_tests(dir.path().to_path_buf());
-    settings.admin_key = Some(Secret(ADMIN_KEY.into()));
-    settings.mqtt = Some(MqttSettings {
-        url: MqttUrl {
-            host: "127.0.0.1".into(),
-            port,
-            tls: false,
-        },
-        username: None,
-        password: None,
-        ca_file: None,
-        thing_template: DEFAULT_MQTT_THING_TEMPLATE.into(),
-    });
-    let listeners = Listeners::bind(&settings).await.unwrap();
-    settings.public_relay = PublicEndpoint {
-        host: "localhost".into(),
-        port: listeners.relay[0].local_addr().unwrap().port(),
-    };
-    let server = Server::start(settings, Arc::new(clock.clone()), listeners)
-        .await
-        .unwrap();
-    let base = format!("http://{}", server.api_addr);
-    TestServer {
-        server: Some(server),
-        clock,
-        dir,
-        base,
-        http: reqwest::Client::new(),
-    }
+    TestServer::start_dialable(dir, None, |settings| {
+        settings.mqtt = Some(MqttSettings {
+            url: MqttUrl {
+                host: "127.0.0.1".into(),
+                port,
+                tls: false,
+            },
+            username: None,
+            password: None,
+            ca_file: None,
+            thing_template: DEFAULT_MQTT_THING_TEMPLATE.into(),
+        });
+    })
+    .await
 }
 
 /// A test's own MQTT client: what it receives on its subscriptions, and publishes that wait

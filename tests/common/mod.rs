@@ -67,6 +67,36 @@ impl TestServer {
         settings.admin_key = Some(Secret(ADMIN_KEY.into()));
         tweak(&mut settings);
         let listeners = Listeners::bind(&settings).await.unwrap();
+        Self::finish(dir, clock, settings, listeners).await
+    }
+
+    /// Starts a server (relay included) in `dir` whose tunnel URLs and notifications name
+    /// `localhost` and its real relay port (or `public_port`), so agents and clients can dial
+    /// them as they are.
+    pub async fn start_dialable(
+        dir: Arc<tempfile::TempDir>,
+        public_port: Option<u16>,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
+        let mut settings = Settings::for_tests(dir.path().to_path_buf());
+        settings.admin_key = Some(Secret(ADMIN_KEY.into()));
+        tweak(&mut settings);
+        let listeners = Listeners::bind(&settings).await.unwrap();
+        let relay_port = listeners.relay[0].local_addr().unwrap().port();
+        settings.public_relay = iotunnel::config::PublicEndpoint {
+            host: "localhost".into(),
+            port: public_port.unwrap_or(relay_port),
+        };
+        let clock = ManualClock::new(iotunnel::clock::SystemClock.now_ms());
+        Self::finish(dir, clock, settings, listeners).await
+    }
+
+    async fn finish(
+        dir: Arc<tempfile::TempDir>,
+        clock: ManualClock,
+        settings: Settings,
+        listeners: Listeners,
+    ) -> Self {
         let server = if control_only() {
             Server::start_control_plane(settings, Arc::new(clock.clone()), listeners).await
         } else {
