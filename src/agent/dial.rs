@@ -99,11 +99,7 @@ impl Endpoint {
 
     /// `host:port`, with brackets around an IPv6 address.
     pub fn host_port(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::config::host_port(&self.host, self.port)
     }
 
     /// The AWS-family tunnel URL for `side`.
