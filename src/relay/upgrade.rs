@@ -210,20 +210,14 @@ pub async fn write_plain(conn: &mut Conn, plain: &[u8]) -> std::io::Result<()> {
 /// Runs the TLS handshake and reads the upgrade request; answers 101 or a refusal.
 pub async fn accept(conn: &mut Conn, ctx: &ShardCtx) -> Result<Upgrade, Option<Refusal>> {
     let mut cipher = None;
-    if let Some(tls) = conn.tls.as_mut() {
-        let _ = tls;
-        loop {
-            let handshaking = conn.tls.as_ref().is_some_and(|t| t.is_handshaking());
-            if !handshaking {
-                break;
-            }
-            flush_tls(conn).await.map_err(|_| None)?;
-            if !read_more(conn, &mut cipher).await.map_err(|_| None)? {
-                return Err(None);
-            }
-        }
+    // The TLS handshake (a no-op in plaintext mode).
+    while conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
         flush_tls(conn).await.map_err(|_| None)?;
+        if !read_more(conn, &mut cipher).await.map_err(|_| None)? {
+            return Err(None);
+        }
     }
+    flush_tls(conn).await.map_err(|_| None)?;
     let head_len = loop {
         if let Some(end) = find_head_end(&conn.buffered) {
             break end;
