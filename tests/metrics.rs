@@ -166,3 +166,49 @@ async fn counters_follow_traffic_and_routes_are_templates() {
     drop(client);
     drop(device);
 }
+
+#[tokio::test]
+async fn the_exposition_parses_as_prometheus_text() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let text = scrape(&t).await;
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let names: std::collections::HashSet<_> =
+        scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for name in [
+        "iotunnel_tunnels",
+        "iotunnel_peers_connected",
+        "iotunnel_peer_disconnects_total",
+        "iotunnel_forward_latency_seconds",
+        "iotunnel_api_request_duration_seconds",
+        "process_open_fds",
+    ] {
+        assert!(
+            names.contains(name),
+            "{name} missing from the parsed samples"
+        );
+    }
+    // Histograms come out as histograms, with cumulative buckets ending at +Inf.
+    let latency = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "iotunnel_forward_latency_seconds")
+        .unwrap();
+    match &latency.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert_eq!(buckets.len(), iotunnel::metrics::BUCKETS.len() + 1);
+            assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count));
+        }
+        other => panic!("forward latency is not a histogram: {other:?}"),
+    }
+    // Every sample is a counter, gauge or histogram with a HELP and TYPE line.
+    for s in &scrape.samples {
+        // The parser reports a histogram's _sum and _count as samples of their own.
+        let family = s.metric.trim_end_matches("_sum").trim_end_matches("_count");
+        assert!(
+            scrape.docs.contains_key(&s.metric) || scrape.docs.contains_key(family),
+            "no HELP for {}",
+            s.metric
+        );
+    }
+}
