@@ -49,6 +49,9 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Per-tunnel metric series are capped at 1000 tunnels by default (issue 5).
+pub const DEFAULT_METRICS_PER_TUNNEL_MAX: usize = 1000;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -170,6 +173,12 @@ pub struct Knobs {
     /// Log line format [default: text].
     #[arg(long, env = "IOTUNNEL_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Export per-tunnel series (`tunnel_id` label), for small fleets [default: off].
+    #[arg(long, env = "IOTUNNEL_METRICS_PER_TUNNEL", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_per_tunnel: Option<bool>,
+    /// Most tunnels with per-tunnel series [default: 1000].
+    #[arg(long, env = "IOTUNNEL_METRICS_PER_TUNNEL_MAX")]
+    pub metrics_per_tunnel_max: Option<usize>,
 }
 
 /// Parses a secret flag value.
@@ -210,7 +219,9 @@ impl Knobs {
             mqtt_password,
             mqtt_ca_file,
             mqtt_thing_template,
-            log_format
+            log_format,
+            metrics_per_tunnel,
+            metrics_per_tunnel_max
         )
     }
 }
@@ -462,6 +473,8 @@ pub struct Settings {
     pub admin_key: Option<Secret>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Per-tunnel series: at most this many tunnels (0: off).
+    pub metrics_per_tunnel: usize,
     /// MQTT notifications and presence, when `--mqtt-url` is set.
     pub mqtt: Option<MqttSettings>,
 }
@@ -555,6 +568,12 @@ impl Settings {
                 .unwrap_or(crate::proto::aliyun::SESSION_CREATE_TIMEOUT.as_millis() as u64),
             admin_key,
             log_format: k.log_format.unwrap_or_default(),
+            metrics_per_tunnel: if k.metrics_per_tunnel == Some(true) {
+                k.metrics_per_tunnel_max
+                    .unwrap_or(DEFAULT_METRICS_PER_TUNNEL_MAX)
+            } else {
+                0
+            },
             mqtt,
         };
         settings.validate()?;

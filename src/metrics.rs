@@ -286,6 +286,65 @@ fn render_relay(out: &mut String, shards: &[StatsSnapshot]) {
     }
 }
 
+/// The optional per-tunnel series (`--metrics-per-tunnel`), for at most `max` tunnels.
+fn render_per_tunnel(out: &mut String, shards: &[StatsSnapshot], max: usize) {
+    if max == 0 {
+        return;
+    }
+    let mut all: Vec<_> = shards.iter().flat_map(|s| &s.per_tunnel).collect();
+    all.sort_by(|a, b| a.tunnel_id.cmp(&b.tunnel_id));
+    all.truncate(max);
+    header(
+        out,
+        "iotunnel_tunnel_relay_bytes_total",
+        "counter",
+        "Bytes forwarded per tunnel, by direction.",
+    );
+    for t in &all {
+        for (i, d) in DIRECTIONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "iotunnel_tunnel_relay_bytes_total{{tunnel_id=\"{}\",direction=\"{d}\"}} {}",
+                t.tunnel_id, t.bytes[i]
+            );
+        }
+    }
+    header(
+        out,
+        "iotunnel_tunnel_peer_connected",
+        "gauge",
+        "Whether each side of a tunnel is connected.",
+    );
+    for t in &all {
+        for (i, role) in ROLES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "iotunnel_tunnel_peer_connected{{tunnel_id=\"{}\",role=\"{role}\"}} {}",
+                t.tunnel_id,
+                u8::from(t.connected[i])
+            );
+        }
+    }
+    header(
+        out,
+        "iotunnel_tunnel_peer_rtt_seconds",
+        "gauge",
+        "Smoothed ping RTT of each side of a tunnel.",
+    );
+    for t in &all {
+        for (i, role) in ROLES.iter().enumerate() {
+            if let Some(us) = t.srtt_us[i] {
+                let _ = writeln!(
+                    out,
+                    "iotunnel_tunnel_peer_rtt_seconds{{tunnel_id=\"{}\",role=\"{role}\"}} {}",
+                    t.tunnel_id,
+                    us as f64 / 1e6
+                );
+            }
+        }
+    }
+}
+
 fn render_api(out: &mut String, api: &ApiMetrics) {
     header(
         out,
@@ -410,6 +469,7 @@ pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> 
         cp.channels.connected()
     );
     render_relay(&mut out, shards);
+    render_per_tunnel(&mut out, shards, cp.settings.metrics_per_tunnel);
     render_api(&mut out, api);
     render_process(&mut out);
     out

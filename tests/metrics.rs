@@ -212,3 +212,82 @@ async fn the_exposition_parses_as_prometheus_text() {
         );
     }
 }
+
+#[tokio::test]
+async fn per_tunnel_series_are_off_by_default_and_capped_when_on() {
+    let off = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    assert!(
+        !scrape(&off).await.contains("iotunnel_tunnel_"),
+        "per-tunnel series are opt-in"
+    );
+
+    let t = TestServer::start_with(|s| {
+        s.relay_plaintext = true;
+        s.metrics_per_tunnel = 1;
+        s.max_open_tunnels_per_device = 10;
+    })
+    .await;
+    let mut f = t.online_device().await;
+    let mut ids = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let created = t.tunnel(&f, json!({})).await;
+        let id = created["tunnel_id"].as_str().unwrap().to_string();
+        let token = loop {
+            let n = f.channel.next_json().await;
+            if n["tunnel_id"] == id.as_str() {
+                break n["token"].as_str().unwrap().to_string();
+            }
+        };
+        let url = format!(
+            "ws://{}/tunnel?local-proxy-mode=destination",
+            t.server().relay_addr
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("access-token", token.parse().unwrap());
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            "aws.iot.securetunneling-3.0".parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let _service_ids = ws.next().await;
+        peers.push(ws);
+        ids.push(id);
+    }
+    ids.sort();
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = scrape(&t).await;
+        if text.contains(&format!(
+            "iotunnel_tunnel_peer_connected{{tunnel_id=\"{}\",role=\"device\"}} 1",
+            ids[0]
+        )) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                "iotunnel_tunnel_peer_connected{{tunnel_id=\"{}\",role=\"device\"}}",
+                ids[0]
+            )
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                "iotunnel_tunnel_peer_connected{{tunnel_id=\"{}\",role=\"client\"}}",
+                ids[0]
+            )
+        ),
+        0.0
+    );
+    assert_eq!(value(&text, &format!("iotunnel_tunnel_relay_bytes_total{{tunnel_id=\"{}\",direction=\"client_to_device\"}}", ids[0])), 0.0);
+    assert!(!text.contains(&ids[1]), "capped at one tunnel");
+    drop(peers);
+}

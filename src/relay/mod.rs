@@ -48,6 +48,8 @@ pub struct RelayConfig {
     pub max_handshakes_per_ip: usize,
     /// Device responses to session_create time out after this (Alibaba family).
     pub session_create_timeout: Duration,
+    /// Report per-tunnel statistics for at most this many tunnels per shard (0: off).
+    pub per_tunnel_stats: usize,
 }
 
 impl RelayConfig {
@@ -72,6 +74,7 @@ impl RelayConfig {
             max_sessions: s.max_sessions_per_tunnel,
             max_handshakes_per_ip: s.max_handshakes_per_ip,
             session_create_timeout: Duration::from_millis(s.session_create_timeout_ms),
+            per_tunnel_stats: s.metrics_per_tunnel,
         })
     }
 }
@@ -359,7 +362,9 @@ async fn shard_main(
             ShardMsg::Command(cmd) => state.command(cmd),
             ShardMsg::Scrape(reply) => {
                 ctx.stats.set_tunnels(state.tunnel_count());
-                let _ = reply.send(ctx.stats.snapshot());
+                let mut snapshot = ctx.stats.snapshot();
+                snapshot.per_tunnel = state.per_tunnel_stats(ctx.cfg.per_tunnel_stats);
+                let _ = reply.send(snapshot);
             }
             ShardMsg::Shutdown => break,
         }

@@ -133,6 +133,8 @@ struct Slot {
     /// AWS: service id -> open stream id (for STREAM_RESET when a side goes away).
     aws_streams: RefCell<HashMap<String, (i32, u32)>>,
     aliyun: RefCell<AliyunSessions>,
+    /// Bytes forwarded by direction (client_to_device, device_to_client).
+    bytes: [Cell<u64>; 2],
 }
 
 /// A shard's tunnels.
@@ -189,6 +191,29 @@ impl Shard {
         self.tunnels.borrow().len()
     }
 
+    /// Statistics of up to `max` of this shard's tunnels (by tunnel id).
+    pub fn per_tunnel_stats(&self, max: usize) -> Vec<super::stats::TunnelStats> {
+        if max == 0 {
+            return Vec::new();
+        }
+        let tunnels = self.tunnels.borrow();
+        let mut ids: Vec<&Arc<str>> = tunnels.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .take(max)
+            .map(|id| {
+                let slot = &tunnels[id];
+                let peer = |i: usize| slot.peers[i].borrow().clone();
+                super::stats::TunnelStats {
+                    tunnel_id: id.to_string(),
+                    bytes: slot.bytes.each_ref().map(Cell::get),
+                    connected: [0, 1].map(|i| peer(i).is_some()),
+                    srtt_us: [0, 1].map(|i| peer(i).and_then(|p| p.srtt_us.get())),
+                }
+            })
+            .collect()
+    }
+
     /// A shard with no tunnels.
     pub fn new(ctx: Rc<ShardCtx>) -> Self {
         Self {
@@ -209,6 +234,7 @@ impl Shard {
                     arrived: Default::default(),
                     aws_streams: RefCell::default(),
                     aliyun: RefCell::default(),
+                    bytes: Default::default(),
                 })
             })
             .clone()
@@ -733,6 +759,8 @@ async fn forward_frame(
                     sent = target.data.send(frame.clone()) => match sent {
                         Ok(()) => {
                             stats.forwarded(me.side, len);
+                            let d = &slot.bytes[super::stats::direction(me.side)];
+                            d.set(d.get() + len as u64);
                             return true;
                         }
                         Err(mpsc::error::SendError(f)) => frame = f,

@@ -154,6 +154,7 @@ impl ShardStats {
             rtt: self.rtt.each_ref().map(|h| h.borrow().clone()),
             handshake_failures: self.handshake_failures.borrow().clone(),
             tunnels: self.tunnels.get(),
+            per_tunnel: Vec::new(),
         }
     }
 }
@@ -179,4 +180,19 @@ pub struct StatsSnapshot {
     pub handshake_failures: HashMap<&'static str, u64>,
     /// Tunnels on the shard.
     pub tunnels: u64,
+    /// Per-tunnel statistics, when enabled (`--metrics-per-tunnel`).
+    pub per_tunnel: Vec<TunnelStats>,
+}
+
+/// One tunnel's statistics, for the optional per-tunnel series.
+#[derive(Debug, Clone)]
+pub struct TunnelStats {
+    /// The tunnel.
+    pub tunnel_id: String,
+    /// Bytes forwarded by direction (client_to_device, device_to_client).
+    pub bytes: [u64; 2],
+    /// Whether each role (device, client) is connected.
+    pub connected: [bool; 2],
+    /// Smoothed ping RTT by role, microseconds.
+    pub srtt_us: [Option<u64>; 2],
 }
