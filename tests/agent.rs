@@ -10,10 +10,11 @@ use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::agent::{device, Device};
 use common::peers::{within, within_for};
 use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
-use iotunnel::agent::device::{self, AgentArgs, AgentOptions, RelayArgs};
+use iotunnel::agent::device::{self};
 use iotunnel::config::{Secret, Settings};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -37,50 +38,6 @@ async fn server_at(public_port: Option<u16>, tweak: impl FnOnce(&mut Settings)) 
 
 fn ca(t: &TestServer) -> PathBuf {
     t.dir.path().join("tls/ca.pem")
-}
-
-/// A device with the agent running in-process, serving `services`.
-struct Device {
-    key: String,
-    product_key: String,
-    options: AgentOptions,
-    agent: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        self.agent.abort();
-    }
-}
-
-async fn device(t: &TestServer, services: &[(&str, String)]) -> Device {
-    let key = t.account("acme").await;
-    let product_key = t.product(&key).await;
-    let secret = t.device(&key, &product_key, "dev-1").await;
-    let options = AgentOptions {
-        channel: AgentArgs {
-            api_url: t.base.clone(),
-            product_key: Some(product_key.clone()),
-            device_name: Some("dev-1".into()),
-            device_secret: Some(Secret(secret)),
-        },
-        relay: RelayArgs {
-            services: services
-                .iter()
-                .map(|(name, addr)| (name.to_string(), addr.clone()))
-                .collect(),
-            ca_file: Some(ca(t)),
-            config: None,
-        },
-    };
-    let agent = tokio::spawn(device::run(options.clone()));
-    t.wait_online(&key, &product_key, "dev-1", true).await;
-    Device {
-        key,
-        product_key,
-        options,
-        agent,
-    }
 }
 
 /// A tunnel created through the API: (id, client_url, client_token).

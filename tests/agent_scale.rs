@@ -11,63 +11,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::agent::{device, Device};
 use common::peers::{within, within_for};
 use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
-use iotunnel::agent::device::{self, AgentArgs, AgentOptions, RelayArgs};
 use iotunnel::config::Secret;
 use reqwest::StatusCode;
 use ring::digest::{Context, Digest, SHA256};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 /// A server whose notifications and client URLs name the relay's real port.
 async fn server() -> TestServer {
     TestServer::start_dialable(Arc::new(tempfile::tempdir().unwrap()), None, |_| {}).await
-}
-
-/// A device with the agent running in-process, serving `services`.
-struct Device {
-    key: String,
-    product_key: String,
-    agent: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        self.agent.abort();
-    }
-}
-
-async fn device(t: &TestServer, services: &[(&str, String)]) -> Device {
-    let key = t.account("acme").await;
-    let product_key = t.product(&key).await;
-    let secret = t.device(&key, &product_key, "dev-1").await;
-    let options = AgentOptions {
-        channel: AgentArgs {
-            api_url: t.base.clone(),
-            product_key: Some(product_key.clone()),
-            device_name: Some("dev-1".into()),
-            device_secret: Some(Secret(secret)),
-        },
-        relay: RelayArgs {
-            services: services
-                .iter()
-                .map(|(name, addr)| (name.to_string(), addr.clone()))
-                .collect(),
-            ca_file: Some(t.dir.path().join("tls/ca.pem")),
-            config: None,
-        },
-    };
-    let agent = tokio::spawn(device::run(options));
-    t.wait_online(&key, &product_key, "dev-1", true).await;
-    Device {
-        key,
-        product_key,
-        agent,
-    }
 }
 
 /// A tunnel to the device for `services`, and a client listening for each of them.

@@ -2,6 +2,7 @@
 //! families end to end, frame-for-frame forwarding, bulk transfer, close, replacement, rotate,
 //! connection state and pings. Every scenario runs on both io drivers (io_uring and epoll).
 //! The peers (tests/common/peers.rs) are written from PROTOCOLS.md, not from the relay's code.
+#[macro_use]
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,24 +17,6 @@ use iotunnel::proto::aws::{Message, MessageType};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-/// Runs each scenario as two tests, `<scenario>::uring` and `<scenario>::epoll`.
-macro_rules! on_both_drivers {
-    ($($(#[$attr:meta])* $scenario:ident;)*) => {$(
-        mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            $(#[$attr])*
-            async fn uring() {
-                super::$scenario(iotunnel::config::IoDriver::Uring).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            $(#[$attr])*
-            async fn epoll() {
-                super::$scenario(iotunnel::config::IoDriver::Epoll).await
-            }
-        }
-    )*};
-}
 
 on_both_drivers! {
     aws_v3_end_to_end;

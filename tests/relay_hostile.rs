@@ -2,6 +2,7 @@
 //! bad frames, slow handshakes, a frozen peer, and connection churn. Each test ends in a clear
 //! refusal while another, already-paired tunnel (an [`EchoTunnel`]) keeps working. Every
 //! scenario runs on both io drivers.
+#[macro_use]
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -15,24 +16,6 @@ use iotunnel::config::{IoDriver, Settings};
 use iotunnel::proto::aws::MessageType;
 use serde_json::json;
 use tokio::sync::{RwLock, RwLockReadGuard};
-
-/// Runs each scenario as two tests, `<scenario>::uring` and `<scenario>::epoll`.
-macro_rules! on_both_drivers {
-    ($($(#[$attr:meta])* $scenario:ident;)*) => {$(
-        mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            $(#[$attr])*
-            async fn uring() {
-                super::$scenario(iotunnel::config::IoDriver::Uring).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            $(#[$attr])*
-            async fn epoll() {
-                super::$scenario(iotunnel::config::IoDriver::Epoll).await
-            }
-        }
-    )*};
-}
 
 on_both_drivers! {
     garbage_instead_of_tls;

@@ -2,6 +2,7 @@
 //! device-channel client. No fixed ports, no sleeps as synchronisation.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod peers;
 
 use std::sync::Arc;
@@ -20,6 +21,25 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The admin key every in-process test server is started with.
 pub const ADMIN_KEY: &str = "itk_test-admin-key-0123456789abcdef";
+
+/// Runs each scenario as two tests, `<scenario>::uring` and `<scenario>::epoll`.
+#[allow(unused_macros)]
+macro_rules! on_both_drivers {
+    ($($(#[$attr:meta])* $scenario:ident;)*) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$attr])*
+            async fn uring() {
+                super::$scenario(iotunnel::config::IoDriver::Uring).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$attr])*
+            async fn epoll() {
+                super::$scenario(iotunnel::config::IoDriver::Epoll).await
+            }
+        }
+    )*};
+}
 
 thread_local! {
     static CONTROL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
