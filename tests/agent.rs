@@ -10,7 +10,7 @@ use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{device, Device};
+use common::agent::{connect, device, echo_server, echo_through, pattern, Device};
 use common::peers::{within, within_for};
 use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
@@ -73,54 +73,10 @@ async fn wait_side(t: &TestServer, d: &Device, id: &str, side: &str, state: &str
     panic!("{side} never became {state}: {last}");
 }
 
-/// A TCP echo server; returns its address.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 /// An address where nothing listens.
 async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect()
-}
-
-/// Sends `len` bytes through `conn` while reading them back; checks they come back intact.
-async fn echo_through(conn: &mut TcpStream, len: usize, seed: u8) {
-    let data = pattern(len, seed);
-    let (mut r, mut w) = conn.split();
-    let send = async { w.write_all(&data).await.expect("write to the client") };
-    let recv = async {
-        let mut got = vec![0u8; len];
-        r.read_exact(&mut got).await.expect("echo comes back");
-        got
-    };
-    let ((), got) = within_for(Duration::from_secs(60), "echo through the tunnel", async {
-        tokio::join!(send, recv)
-    })
-    .await;
-    assert!(got == data, "echo of {len} bytes (seed {seed}) differs");
-}
-
-async fn connect(addr: SocketAddr) -> TcpStream {
-    within("connect to the client's listener", TcpStream::connect(addr))
-        .await
-        .expect("the client listens")
 }
 
 async fn start_client(t: &TestServer, url: &str, token: &str, listen: &[&str]) -> RunningClient {

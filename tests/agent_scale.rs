@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::agent::{device, Device};
+use common::agent::{connect, device, echo_server, echo_through, Device};
 use common::peers::{within, within_for};
 use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use ring::digest::{Context, Digest, SHA256};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// A server whose notifications and client URLs name the relay's real port.
 async fn server() -> TestServer {
@@ -54,50 +54,6 @@ fn listening(c: &RunningClient, service: &str) -> SocketAddr {
         .find(|(s, _)| s == service)
         .map(|(_, a)| *a)
         .unwrap_or_else(|| panic!("no listener for {service}"))
-}
-
-/// A TCP echo server; returns its address.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn connect(addr: SocketAddr) -> TcpStream {
-    within("connect to the client's listener", TcpStream::connect(addr))
-        .await
-        .expect("the client listens")
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect()
-}
-
-/// Sends `len` bytes through `conn` while reading them back; checks they come back intact.
-async fn echo_through(conn: &mut TcpStream, len: usize, seed: u8) {
-    let data = pattern(len, seed);
-    let (mut r, mut w) = conn.split();
-    let send = async { w.write_all(&data).await.expect("write to the client") };
-    let recv = async {
-        let mut got = vec![0u8; len];
-        r.read_exact(&mut got).await.expect("echo comes back");
-        got
-    };
-    let ((), got) = within_for(Duration::from_secs(60), "echo through the tunnel", async {
-        tokio::join!(send, recv)
-    })
-    .await;
-    assert!(got == data, "echo of {len} bytes (seed {seed}) differs");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! Every server has its own random product keys, so tests running side by side on one broker
 //! never see each other's topics.
 mod common;
+use common::agent::echo_server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -414,21 +415,6 @@ async fn an_unreachable_broker_never_blocks_the_api() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert!(!t.server().control.mqtt.as_ref().unwrap().is_connected());
-}
-
-/// A TCP echo server; returns its address.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Sends `len` bytes through `conn` while reading them back; checks they come back intact.
