@@ -179,6 +179,10 @@ pub struct Knobs {
     /// Most tunnels with per-tunnel series [default: 1000].
     #[arg(long, env = "IOTUNNEL_METRICS_PER_TUNNEL_MAX")]
     pub metrics_per_tunnel_max: Option<usize>,
+    /// Record the relay's per-frame metrics (bytes, frames, forwarding latency): on|off
+    /// [default: on].
+    #[arg(long, env = "IOTUNNEL_RELAY_METRICS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub relay_metrics: Option<bool>,
 }
 
 /// Parses a secret flag value.
@@ -221,7 +225,8 @@ impl Knobs {
             mqtt_thing_template,
             log_format,
             metrics_per_tunnel,
-            metrics_per_tunnel_max
+            metrics_per_tunnel_max,
+            relay_metrics
         )
     }
 }
@@ -475,6 +480,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Per-tunnel series: at most this many tunnels (0: off).
     pub metrics_per_tunnel: usize,
+    /// The relay records per-frame metrics (off: only connection-level ones).
+    pub relay_metrics: bool,
     /// MQTT notifications and presence, when `--mqtt-url` is set.
     pub mqtt: Option<MqttSettings>,
 }
@@ -574,6 +581,7 @@ impl Settings {
             } else {
                 0
             },
+            relay_metrics: k.relay_metrics.unwrap_or(true),
             mqtt,
         };
         settings.validate()?;

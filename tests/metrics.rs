@@ -21,47 +21,16 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn every_series_exists_from_start_up() {
-    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
-    let text = scrape(&t).await;
-    for series in [
-        "iotunnel_build_info{version=\"0.1.0\"}",
-        "iotunnel_tunnels{state=\"open\"}",
-        "iotunnel_tunnels{state=\"closed\"}",
-        "iotunnel_peers_connected{role=\"device\"}",
-        "iotunnel_peers_connected{role=\"client\"}",
-        "iotunnel_peer_connects_total{role=\"client\",family=\"aliyun\"}",
-        "iotunnel_peer_disconnects_total{role=\"device\",reason=\"ping_timeout\"}",
-        "iotunnel_peer_disconnects_total{role=\"client\",reason=\"replaced\"}",
-        "iotunnel_relay_bytes_total{direction=\"client_to_device\"}",
-        "iotunnel_relay_frames_total{direction=\"device_to_client\"}",
-        "iotunnel_forward_latency_seconds_bucket{le=\"0.000025\"}",
-        "iotunnel_forward_latency_seconds_bucket{le=\"10\"}",
-        "iotunnel_forward_latency_seconds_count",
-        "iotunnel_peer_rtt_seconds_count{role=\"device\"}",
-        "iotunnel_handshake_failures_total{reason=\"unknown_token\"}",
-        "iotunnel_handshake_failures_total{reason=\"timeout\"}",
-        "iotunnel_shard_tunnels{shard=\"0\"}",
-        "iotunnel_device_channels_connected",
-        "iotunnel_api_requests_total{route=\"/v1/tunnels/{id}\",status=\"200\"}",
-        "iotunnel_api_request_duration_seconds_count{route=\"/v1/tunnels\"}",
-        "process_cpu_seconds_total",
-        "process_resident_memory_bytes",
-        "process_open_fds",
-    ] {
-        value(&text, series);
-    }
-}
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-#[tokio::test]
-async fn counters_follow_traffic_and_routes_are_templates() {
-    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
-    let mut f = t.online_device().await;
-    let created = t.tunnel(&f, json!({})).await;
-    let id = created["tunnel_id"].as_str().unwrap();
-    t.get(&format!("/v1/tunnels/{id}"), &f.key).await;
-    t.get("/v1/no-such-route", &f.key).await;
+/// Pairs the tunnel's two sides over AWS V2 and forwards one 1000-byte DATA frame from the
+/// client to the device. Returns both sockets (still open) and the frame's payload.
+async fn forward_one_frame(
+    t: &TestServer,
+    f: &mut Fixture,
+    created: &serde_json::Value,
+) -> (Ws, Ws, Vec<u8>) {
     let device_token = f.channel.next_json().await["token"]
         .as_str()
         .unwrap()
@@ -107,6 +76,51 @@ async fn counters_follow_traffic_and_routes_are_templates() {
             }
         }
     }
+    (client, device, bytes)
+}
+
+#[tokio::test]
+async fn every_series_exists_from_start_up() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let text = scrape(&t).await;
+    for series in [
+        "iotunnel_build_info{version=\"0.1.0\"}",
+        "iotunnel_tunnels{state=\"open\"}",
+        "iotunnel_tunnels{state=\"closed\"}",
+        "iotunnel_peers_connected{role=\"device\"}",
+        "iotunnel_peers_connected{role=\"client\"}",
+        "iotunnel_peer_connects_total{role=\"client\",family=\"aliyun\"}",
+        "iotunnel_peer_disconnects_total{role=\"device\",reason=\"ping_timeout\"}",
+        "iotunnel_peer_disconnects_total{role=\"client\",reason=\"replaced\"}",
+        "iotunnel_relay_bytes_total{direction=\"client_to_device\"}",
+        "iotunnel_relay_frames_total{direction=\"device_to_client\"}",
+        "iotunnel_forward_latency_seconds_bucket{le=\"0.000025\"}",
+        "iotunnel_forward_latency_seconds_bucket{le=\"10\"}",
+        "iotunnel_forward_latency_seconds_count",
+        "iotunnel_peer_rtt_seconds_count{role=\"device\"}",
+        "iotunnel_handshake_failures_total{reason=\"unknown_token\"}",
+        "iotunnel_handshake_failures_total{reason=\"timeout\"}",
+        "iotunnel_shard_tunnels{shard=\"0\"}",
+        "iotunnel_device_channels_connected",
+        "iotunnel_api_requests_total{route=\"/v1/tunnels/{id}\",status=\"200\"}",
+        "iotunnel_api_request_duration_seconds_count{route=\"/v1/tunnels\"}",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        value(&text, series);
+    }
+}
+
+#[tokio::test]
+async fn counters_follow_traffic_and_routes_are_templates() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let mut f = t.online_device().await;
+    let created = t.tunnel(&f, json!({})).await;
+    let id = created["tunnel_id"].as_str().unwrap();
+    t.get(&format!("/v1/tunnels/{id}"), &f.key).await;
+    t.get("/v1/no-such-route", &f.key).await;
+    let (client, device, bytes) = forward_one_frame(&t, &mut f, &created).await;
     let _ = tokio_tungstenite::connect_async(format!(
         "ws://{}/tunnel?local-proxy-mode=source",
         t.server().relay_addr
@@ -290,4 +304,31 @@ async fn per_tunnel_series_are_off_by_default_and_capped_when_on() {
     assert_eq!(value(&text, &format!("iotunnel_tunnel_relay_bytes_total{{tunnel_id=\"{}\",direction=\"client_to_device\"}}", ids[0])), 0.0);
     assert!(!text.contains(&ids[1]), "capped at one tunnel");
     drop(peers);
+}
+
+#[tokio::test]
+async fn relay_metrics_off_skips_per_frame_series_only() {
+    let t = TestServer::start_with(|s| {
+        s.relay_plaintext = true;
+        s.relay_metrics = false;
+    })
+    .await;
+    let mut f = t.online_device().await;
+    let created = t.tunnel(&f, json!({})).await;
+    let (client, device, _) = forward_one_frame(&t, &mut f, &created).await;
+    let text = scrape(&t).await;
+    // Connection-level series still count; per-frame ones stay at zero.
+    assert_eq!(
+        value(&text, "iotunnel_peers_connected{role=\"client\"}"),
+        1.0
+    );
+    for series in [
+        "iotunnel_relay_bytes_total{direction=\"client_to_device\"}",
+        "iotunnel_relay_frames_total{direction=\"client_to_device\"}",
+        "iotunnel_forward_latency_seconds_count",
+    ] {
+        assert_eq!(value(&text, series), 0.0, "{series}");
+    }
+    drop(client);
+    drop(device);
 }

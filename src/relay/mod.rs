@@ -50,6 +50,8 @@ pub struct RelayConfig {
     pub session_create_timeout: Duration,
     /// Report per-tunnel statistics for at most this many tunnels per shard (0: off).
     pub per_tunnel_stats: usize,
+    /// Record per-frame metrics (`--relay-metrics`).
+    pub frame_stats: bool,
 }
 
 impl RelayConfig {
@@ -75,6 +77,7 @@ impl RelayConfig {
             max_handshakes_per_ip: s.max_handshakes_per_ip,
             session_create_timeout: Duration::from_millis(s.session_create_timeout_ms),
             per_tunnel_stats: s.metrics_per_tunnel,
+            frame_stats: s.relay_metrics,
         })
     }
 }
@@ -228,7 +231,7 @@ impl RelayHandle {
                 events: seam.events.clone(),
                 shards: inboxes.clone(),
                 handshakes: handshakes.clone(),
-                stats: stats::ShardStats::default(),
+                stats: stats::ShardStats::new(cfg.frame_stats),
             };
             let ready = ready_tx.clone();
             threads.push(

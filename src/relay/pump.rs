@@ -39,7 +39,7 @@ const PLAIN_READ: usize = 64 * 1024;
 
 pub(super) type Tls = Rc<RefCell<rustls::ServerConnection>>;
 /// A frame queued for a writer, with when it was read (for the forwarding latency).
-pub(super) type Queued = (Bytes, Instant);
+pub(super) type Queued = (Bytes, Option<Instant>);
 
 fn slot_of(side: Side) -> usize {
     match side {
@@ -724,7 +724,7 @@ impl Shard {
 /// Queues a relay-generated frame for `peer`. The caller can't wait, so when the queue is full
 /// a task waits for room: the message is late, never lost (unless the peer goes away).
 fn queue_frame(peer: &Peer, frame: Bytes) {
-    match peer.data.try_send((frame, Instant::now())) {
+    match peer.data.try_send((frame, None)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(item)) => {
             let data = peer.data.clone();
@@ -745,7 +745,7 @@ async fn forward_frame(
     stats: &super::stats::ShardStats,
 ) -> bool {
     let len = frame.len();
-    let mut frame = (frame, Instant::now());
+    let mut frame = (frame, stats.stamp());
     let target_slot = slot_of(other(me.side));
     loop {
         if me.closing.get() {

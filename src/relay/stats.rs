@@ -2,7 +2,7 @@
 //! across cores); a scrape asks every shard for a snapshot through its inbox and merges them.
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -58,6 +58,8 @@ pub struct ShardStats {
     rtt: [RefCell<Histogram<u64>>; 2],
     handshake_failures: RefCell<HashMap<&'static str, u64>>,
     tunnels: Cell<u64>,
+    /// Per-frame recording is on (`--relay-metrics`).
+    frame_stats: bool,
 }
 
 impl std::fmt::Debug for ShardStats {
@@ -66,8 +68,9 @@ impl std::fmt::Debug for ShardStats {
     }
 }
 
-impl Default for ShardStats {
-    fn default() -> Self {
+impl ShardStats {
+    /// Empty statistics; `frame_stats` false skips the per-frame counters and latency.
+    pub fn new(frame_stats: bool) -> Self {
         Self {
             peers: Default::default(),
             connects: Default::default(),
@@ -78,7 +81,13 @@ impl Default for ShardStats {
             rtt: [RefCell::new(histogram()), RefCell::new(histogram())],
             handshake_failures: RefCell::default(),
             tunnels: Cell::new(0),
+            frame_stats,
         }
+    }
+
+    /// When a frame was read, for its forwarding latency; None when per-frame stats are off.
+    pub fn stamp(&self) -> Option<Instant> {
+        self.frame_stats.then(Instant::now)
     }
 }
 
@@ -106,6 +115,9 @@ impl ShardStats {
 
     /// A frame of `len` bytes was forwarded from `from`.
     pub fn forwarded(&self, from: Side, len: usize) {
+        if !self.frame_stats {
+            return;
+        }
         bump(&self.bytes[direction(from)], len as u64);
         bump(&self.frames[direction(from)], 1);
     }

@@ -71,7 +71,7 @@ async fn write_frames(
             match data.try_recv() {
                 Ok((f, at)) => {
                     frames.push(f);
-                    read_at.push(at);
+                    read_at.extend(at);
                 }
                 Err(_) => break,
             }
@@ -85,7 +85,7 @@ async fn write_frames(
                 d = data.recv() => match d {
                     Some((f, at)) => {
                         frames.push(f);
-                        read_at.push(at);
+                        read_at.extend(at);
                     }
                     None => return,
                 },
