@@ -113,6 +113,8 @@ pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -
             metrics.clone(),
             crate::metrics::track_api,
         ))
+        // After the metrics layer: the console's pages are not API routes.
+        .merge(super::console::router())
         .fallback({
             let metrics = metrics.clone();
             move || async move {

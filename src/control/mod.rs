@@ -15,6 +15,7 @@ use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
 use crate::token::{self, SecretHash};
 
 pub mod api;
+pub mod console;
 pub mod device_channel;
 pub mod error;
 pub mod lifecycle;
