@@ -35,7 +35,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Pings a peer may miss before it is dropped (issue 3).
 const MISSED_PINGS: u32 = 3;
 /// Bytes read per plaintext read call.
-const PLAIN_READ: usize = 64 * 1024;
+/// Smallest read: what an idle peer's pending read holds.
+const MIN_READ: usize = 2 * 1024;
 
 pub(super) type Tls = Rc<RefCell<rustls::ServerConnection>>;
 /// A frame queued for a writer, with when it was read (for the forwarding latency).
@@ -437,8 +438,13 @@ impl Shard {
         let max = self.ctx.cfg.max_frame_payload;
         let mut fragments = FragmentTracker::new();
         let mut aws_tracker = BoundaryTracker::new();
-        let mut cipher: Vec<u8> = Vec::with_capacity(if tls.is_some() { CIPHER_READ } else { 0 });
+        let mut cipher: Vec<u8> = Vec::new();
+        let mut cipher_want = MIN_READ;
+        // Length of the last frame: the size of the next read when no header is buffered.
+        let mut expect = MIN_READ;
         loop {
+            // Bytes still missing from the frame whose header is buffered.
+            let mut need = None;
             loop {
                 let hdr = match ws::parse_client_header(&buf, max) {
                     Ok(Some(h)) => h,
@@ -446,8 +452,9 @@ impl Shard {
                     Err(e) => return Stop::violation(e.close_code(), e.label()),
                 };
                 let frame_len = hdr.frame_len();
+                expect = frame_len;
                 if buf.len() < frame_len {
-                    buf.reserve(frame_len - buf.len());
+                    need = Some(frame_len - buf.len());
                     break;
                 }
                 let mut frame = buf.split_to(frame_len);
@@ -536,13 +543,13 @@ impl Shard {
                 return Stop::quiet(peer.end_reason.get());
             }
             // Read more.
+            let want = need.unwrap_or(expect.max(MIN_READ));
+            room_for(&mut buf, want);
             match &tls {
                 None => {
-                    buf.reserve(PLAIN_READ);
                     let len = buf.len();
-                    let cap = buf.capacity();
                     let (res, slice) = read
-                        .read(monoio::buf::IoBufMut::slice_mut(buf, len..cap))
+                        .read(monoio::buf::IoBufMut::slice_mut(buf, len..len + want))
                         .await;
                     buf = slice.into_inner();
                     match res {
@@ -551,11 +558,20 @@ impl Shard {
                     }
                 }
                 Some(tls) => {
+                    if cipher.capacity() < cipher_want || cipher.capacity() > 4 * cipher_want {
+                        cipher = Vec::with_capacity(cipher_want);
+                    }
                     let (res, c) = read.read(std::mem::take(&mut cipher)).await;
                     cipher = c;
                     let n = match res {
                         Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
                         Ok(n) => n,
+                    };
+                    // A full read asks for the largest next time; a short one sizes to fit.
+                    cipher_want = if n == cipher.capacity() {
+                        CIPHER_READ
+                    } else {
+                        n.next_power_of_two().clamp(MIN_READ, CIPHER_READ)
                     };
                     let absorbed =
                         super::tls::absorb(&mut tls.borrow_mut(), &cipher[..n], &mut buf);
@@ -719,6 +735,20 @@ impl Shard {
             _ => Ok(Aliyun::Forward),
         }
     }
+}
+
+/// Makes room in `buf` for a read of `want` bytes. A partial frame moves at most once, into a
+/// buffer sized to hold all of it, and an empty buffer much larger than needed is dropped, so
+/// an idle peer's pending read holds only a small one.
+fn room_for(buf: &mut BytesMut, want: usize) {
+    let len = buf.len();
+    let cap = buf.capacity();
+    if cap - len >= want && !(len == 0 && cap > 4 * want) {
+        return;
+    }
+    let mut fresh = BytesMut::with_capacity(len + want);
+    fresh.extend_from_slice(buf);
+    *buf = fresh;
 }
 
 /// Queues a relay-generated frame for `peer`. The caller can't wait, so when the queue is full

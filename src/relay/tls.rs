@@ -1,6 +1,6 @@
 //! TLS for the relay: rustls (TLS 1.2 and 1.3 only) driven by hand over monoio's owned-buffer
 //! I/O, so the session state can travel with its socket in a hand-off.
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -49,18 +49,17 @@ pub fn absorb(
 /// Moves the session's decrypted bytes into `out`; returns false once the peer sent
 /// close_notify.
 fn drain_plaintext(conn: &mut rustls::ServerConnection, out: &mut bytes::BytesMut) -> bool {
-    /// Room made per read: one TLS record's plaintext at most.
-    const STEP: usize = 16 * 1024;
     loop {
-        let len = out.len();
-        out.resize(len + STEP, 0);
-        let got = conn.reader().read(&mut out[len..]);
-        out.truncate(len + *got.as_ref().unwrap_or(&0));
-        match got {
-            Ok(0) => return false,
-            Ok(_) => {}
+        let mut reader = conn.reader();
+        let n = match reader.fill_buf() {
+            Ok([]) => return false,
+            Ok(chunk) => {
+                out.extend_from_slice(chunk);
+                chunk.len()
+            }
             Err(_) => return true, // WouldBlock: nothing more buffered.
-        }
+        };
+        reader.consume(n);
     }
 }
 
