@@ -525,8 +525,21 @@ async fn the_agent_in_mqtt_mode_serves_tunnels_end_to_end() {
     );
     wait_device_side(&t, &key, &id, "DISCONNECTED").await;
     assert!(!agent.is_finished(), "the agent keeps running");
-    agent.abort();
-    let _ = agent.await;
-    t.wait_online(&key, &pk, "dev-1", false).await;
+
+    // Deleting the device ends its agent, as the device channel's close 4001 does, and clears
+    // its retained presence: a new device of the same name starts offline.
+    let (s, v) = t
+        .delete(&format!("/v1/products/{pk}/devices/dev-1"), &key)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let ended = within_for(Duration::from_secs(20), "the agent exits", agent)
+        .await
+        .unwrap();
+    let err = ended.expect_err("a deleted device ends the agent with an error");
+    assert!(err.to_string().contains("device deleted"), "{err:#}");
+    t.device(&key, &pk, "dev-1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, v) = t.get(&format!("/v1/products/{pk}/devices"), &key).await;
+    assert_eq!(v["devices"][0]["online"], false, "{v}");
     clear_presence(&pk, "dev-1").await;
 }

@@ -8,6 +8,9 @@
 //! The broker authenticates the device (user name, password, TLS) and should let it subscribe
 //! to its own notify topic and publish to its own presence topic only. Network errors never end
 //! the agent: it reconnects with jittered exponential backoff capped at 30 s.
+use std::time::Duration;
+
+use anyhow::bail;
 use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS, SubscribeReasonCode};
 
 use super::device::{on_notification, MqttConn};
@@ -71,6 +74,14 @@ pub(super) async fn run(
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == notify => {
                 match std::str::from_utf8(&p.payload) {
+                    Ok(text) if is_device_deleted(text) => {
+                        // As over the device channel (close 4001): the device is gone for good.
+                        // Its presence was cleared by the server; leave without a last will.
+                        let _ = client.try_disconnect();
+                        let flush = async { while eventloop.poll().await.is_ok() {} };
+                        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+                        bail!("device deleted");
+                    }
                     Ok(text) => on_notification(text, tunnels),
                     Err(_) => tracing::warn!("ignored a notification that is not UTF-8"),
                 }
@@ -84,4 +95,10 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// Whether a notification says the device was deleted.
+fn is_device_deleted(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v["operation"] == "device_deleted")
 }

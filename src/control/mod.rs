@@ -389,6 +389,9 @@ impl ControlPlane {
         }
         self.channels
             .send(product_key, device_name, ChannelMsg::DeviceDeleted);
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.publish_device_deleted(product_key, device_name);
+        }
         tracing::info!(%product_key, %device_name, tunnels_closed = closed.len(), "device deleted");
         Ok(())
     }

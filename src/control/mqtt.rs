@@ -276,6 +276,22 @@ impl MqttNotifier {
         self.publish(notify_topic(product_key, device_name), native.to_string());
     }
 
+    /// Tells a deleted device's agent (native `{"operation":"device_deleted"}`, as the device
+    /// channel closes with 4001) and clears its retained presence, so it no longer reads online.
+    pub(super) fn publish_device_deleted(&self, product_key: &str, device_name: &str) {
+        let note = json!({ "operation": "device_deleted" });
+        self.publish(notify_topic(product_key, device_name), note.to_string());
+        let presence = presence_topic(product_key, device_name);
+        if let Err(e) =
+            self.client
+                .try_publish(presence.as_str(), QoS::AtLeastOnce, true, Vec::new())
+        {
+            tracing::warn!(topic = %presence, error = %e, "cannot clear a deleted device's presence");
+        }
+        self.online
+            .remove(&(product_key.to_string(), device_name.to_string()));
+    }
+
     /// Records a presence message; true when it said `online`.
     fn on_presence(&self, product_key: &str, device_name: &str, payload: &[u8]) -> Option<bool> {
         let key = (product_key.to_string(), device_name.to_string());
