@@ -9,7 +9,7 @@
 //!   whose token was rotated). The relay routes each to the tunnel's owner shard.
 //! - [`ConnectionEvent`]s flow back (connected, disconnected with a reason, ping RTT). The control
 //!   plane persists them in batches, so describe shows CONNECTED/DISCONNECTED with times.
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -107,18 +107,26 @@ pub struct TokenMatch {
 /// "tunnel closed" (409) rather than "unknown token" (401). They are not rebuilt at start.
 #[derive(Debug)]
 pub struct TunnelIndex {
-    shards: usize,
+    /// OPEN tunnels owned by each shard: a new tunnel goes to the least loaded.
+    load: Box<[AtomicUsize]>,
     by_token: DashMap<SecretHash, TokenMatch>,
-    by_tunnel: DashMap<Arc<str>, [SecretHash; 2]>,
+    by_tunnel: DashMap<Arc<str>, Owned>,
     closed_tokens: DashMap<SecretHash, ()>,
-    closed_by_tunnel: DashMap<Arc<str>, [SecretHash; 2]>,
+    closed_by_tunnel: DashMap<Arc<str>, Owned>,
+}
+
+/// A tunnel's two token hashes (client, device) and its owner shard.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    hashes: [SecretHash; 2],
+    shard: usize,
 }
 
 impl TunnelIndex {
     /// An empty index for a data plane of `shards` shards (at least one).
     pub fn new(shards: usize) -> Self {
         Self {
-            shards: shards.max(1),
+            load: (0..shards.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             by_token: DashMap::new(),
             by_tunnel: DashMap::new(),
             closed_tokens: DashMap::new(),
@@ -126,14 +134,24 @@ impl TunnelIndex {
         }
     }
 
-    /// The shard that owns `tunnel_id`: a stable hash of the id modulo the shard count.
-    pub fn owner_shard(&self, tunnel_id: &str) -> usize {
-        // FNV-1a: stable across processes and releases, unlike std's RandomState.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in tunnel_id.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        (h % self.shards as u64) as usize
+    /// The shard that owns `tunnel_id`, open or closed; None once it is deleted.
+    pub fn owner_shard(&self, tunnel_id: &str) -> Option<usize> {
+        self.by_tunnel
+            .get(tunnel_id)
+            .or_else(|| self.closed_by_tunnel.get(tunnel_id))
+            .map(|o| o.shard)
+    }
+
+    /// The shard owning the fewest OPEN tunnels (the first of equals), now one more.
+    fn place(&self) -> usize {
+        let (shard, load) = self
+            .load
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, l)| l.load(Ordering::Relaxed))
+            .expect("at least one shard");
+        load.fetch_add(1, Ordering::Relaxed);
+        shard
     }
 
     /// Adds (or replaces) an OPEN tunnel with its two token hashes.
@@ -146,11 +164,12 @@ impl TunnelIndex {
         device_hash: SecretHash,
     ) {
         self.remove(tunnel_id);
+        let shard = self.place();
         let tunnel = Arc::new(IndexedTunnel {
             tunnel_id: Arc::from(tunnel_id),
             services: services.to_vec().into(),
             expires_at,
-            owner_shard: self.owner_shard(tunnel_id),
+            owner_shard: shard,
             family: FamilyLock::default(),
         });
         for (hash, side) in [(client_hash, Side::Client), (device_hash, Side::Device)] {
@@ -162,43 +181,47 @@ impl TunnelIndex {
                 },
             );
         }
-        self.by_tunnel
-            .insert(tunnel.tunnel_id.clone(), [client_hash, device_hash]);
+        let owned = Owned {
+            hashes: [client_hash, device_hash],
+            shard,
+        };
+        self.by_tunnel.insert(tunnel.tunnel_id.clone(), owned);
     }
 
     /// Replaces the token of one side of a tunnel (rotate); false when the tunnel is not indexed.
     pub fn rotate(&self, tunnel_id: &str, side: Side, new_hash: SecretHash) -> bool {
-        let Some(mut hashes) = self.by_tunnel.get_mut(tunnel_id) else {
+        let Some(mut owned) = self.by_tunnel.get_mut(tunnel_id) else {
             return false;
         };
         let slot = match side {
             Side::Client => 0,
             Side::Device => 1,
         };
-        let Some((_, found)) = self.by_token.remove(&hashes[slot]) else {
+        let Some((_, found)) = self.by_token.remove(&owned.hashes[slot]) else {
             return false;
         };
         self.by_token.insert(new_hash, found);
-        hashes[slot] = new_hash;
+        owned.hashes[slot] = new_hash;
         true
     }
 
     /// Marks a tunnel closed: its tokens stop matching at once, and are known as closed.
     pub fn close(&self, tunnel_id: &str) {
-        if let Some((id, hashes)) = self.by_tunnel.remove(tunnel_id) {
-            for h in hashes {
+        if let Some((id, owned)) = self.by_tunnel.remove(tunnel_id) {
+            self.load[owned.shard].fetch_sub(1, Ordering::Relaxed);
+            for h in owned.hashes {
                 self.by_token.remove(&h);
                 self.closed_tokens.insert(h, ());
             }
-            self.closed_by_tunnel.insert(id, hashes);
+            self.closed_by_tunnel.insert(id, owned);
         }
     }
 
     /// Forgets a tunnel entirely (deleted), open or closed.
     pub fn remove(&self, tunnel_id: &str) {
         self.close(tunnel_id);
-        if let Some((_, hashes)) = self.closed_by_tunnel.remove(tunnel_id) {
-            for h in hashes {
+        if let Some((_, owned)) = self.closed_by_tunnel.remove(tunnel_id) {
+            for h in owned.hashes {
                 self.closed_tokens.remove(&h);
             }
         }
@@ -354,10 +377,26 @@ mod tests {
     }
 
     #[test]
-    fn owner_shard_is_stable_and_in_range() {
-        let idx = TunnelIndex::new(3);
-        let s = idx.owner_shard("abc");
-        assert!(s < 3);
-        assert_eq!(s, idx.owner_shard("abc"));
+    fn tunnels_go_to_the_least_loaded_shard() {
+        let idx = TunnelIndex::new(2);
+        let open = |i: u8| idx.insert(&format!("t{i}"), &[], 0, [i; 32], [100 + i; 32]);
+        (0..8).for_each(open);
+        let on = |shard| {
+            (0..8)
+                .filter(|i| idx.owner_shard(&format!("t{i}")) == Some(shard))
+                .count()
+        };
+        assert_eq!((on(0), on(1)), (4, 4));
+        // Closing frees a shard's place (the closed tunnel keeps its owner for commands)...
+        for i in (0..8).filter(|i| idx.owner_shard(&format!("t{i}")) == Some(0)) {
+            idx.close(&format!("t{i}"));
+        }
+        assert!(idx.owner_shard("t0").is_some());
+        // ...so the next tunnels fill it; a deleted one has no owner left.
+        (8..12).for_each(open);
+        assert!((8..12).all(|i| idx.owner_shard(&format!("t{i}")) == Some(0)));
+        idx.remove("t0");
+        assert_eq!(idx.owner_shard("t0"), None);
+        assert_eq!(idx.lookup(&[9; 32]).unwrap().tunnel.owner_shard, 0);
     }
 }

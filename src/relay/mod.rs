@@ -253,7 +253,17 @@ impl RelayHandle {
                     RelayCommand::CloseTunnel { tunnel_id, .. }
                     | RelayCommand::DisconnectSide { tunnel_id, .. } => tunnel_id,
                 };
-                let _ = router_inboxes[index.owner_shard(tunnel_id)].send(ShardMsg::Command(cmd));
+                match index.owner_shard(tunnel_id) {
+                    Some(shard) => {
+                        let _ = router_inboxes[shard].send(ShardMsg::Command(cmd));
+                    }
+                    // Deleted meanwhile: whichever shard still holds it ends it.
+                    None => {
+                        for inbox in router_inboxes.iter() {
+                            let _ = inbox.send(ShardMsg::Command(cmd.clone()));
+                        }
+                    }
+                }
             }
         });
         Ok(Self {
