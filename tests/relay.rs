@@ -32,6 +32,7 @@ on_both_drivers! {
     aliyun_silent_device_times_out;
     close_through_api_ends_both_sides;
     aws_replacement_resets_open_streams;
+    aws_peer_gone_mid_message_ends_the_other_side;
     aliyun_replacement_releases_open_sessions;
     rotate_disconnects_the_client;
     pings_keep_readers_and_drop_stalled_peers;
@@ -718,6 +719,34 @@ async fn aws_replacement_resets_open_streams(driver: IoDriver) {
         b"to the new client"
     );
     wait_state(&t, &f, &tun.id, "client", "CONNECTED").await;
+}
+
+/// A client that vanishes with half a message forwarded: a STREAM_RESET now would be read as
+/// the rest of that message, so the device's connection is closed instead; it reconnects.
+async fn aws_peer_gone_mid_message_ends_the_other_side(driver: IoDriver) {
+    let t = relay_server(driver, |_| {}).await;
+    let relay = Relay::of(&t);
+    let mut f = t.online_device().await;
+    let tun = open_tunnel(&t, &mut f, &["SSH"]).await;
+    let mut device = AwsPeer::connect(&relay, Mode::Destination, Aws::V3, &tun.device_token).await;
+    let mut client = AwsPeer::connect(&relay, Mode::Source, Aws::V3, &tun.client_token).await;
+    client.send(&stream_start(1, "SSH", 1)).await;
+    assert!(is(&device.next_message().await, MessageType::StreamStart));
+    let message = encode_stream(&[data(1, "", 1, &[7; 1000])]);
+    client.send_frame(message[..500].to_vec()).await;
+    assert_eq!(device.next_frame().await, &message[..500]);
+    drop(client);
+    let (code, reason) = device.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1001, "peer left mid-message"));
+    // The tunnel is still OPEN: the device comes back with its token, and a new client works.
+    let mut device = AwsPeer::connect(&relay, Mode::Destination, Aws::V3, &tun.device_token).await;
+    let mut client = AwsPeer::connect(&relay, Mode::Source, Aws::V3, &tun.client_token).await;
+    client.send(&stream_start(2, "SSH", 1)).await;
+    let m = device.next_message().await;
+    assert!(
+        is(&m, MessageType::StreamStart) && m.stream_id == 2,
+        "{m:?}"
+    );
 }
 
 /// Alibaba: a replaced client's open sessions are released to the device with code 2.

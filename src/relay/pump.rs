@@ -92,6 +92,9 @@ pub(super) struct Peer {
     bytes_sent: Cell<u64>,
     /// Bytes written to the peer.
     pub(super) bytes_received: Cell<u64>,
+    /// The last frame forwarded from this peer ended inside a message (a WebSocket fragment or
+    /// part of an AWS message): nothing may be injected after it.
+    mid_message: Cell<bool>,
 }
 
 impl Peer {
@@ -270,6 +273,7 @@ impl Shard {
             halves: Cell::new(2),
             bytes_sent: Cell::new(0),
             bytes_received: Cell::new(0),
+            mid_message: Cell::new(false),
         });
         if up.aws_version.is_some_and(|v| v.has_service_ids()) {
             if let Ok(frame) = aws::server_frame(&aws::service_ids_message(&slot.tunnel.services)) {
@@ -358,6 +362,14 @@ impl Shard {
             slot.aliyun.borrow_mut().open.clear();
             return;
         };
+        if gone.mid_message.get() {
+            // The other side is waiting for the rest of a message that will never come; a
+            // reset injected now would be read as its bytes. End that connection instead: its
+            // streams end with it, and it reconnects with the same token.
+            slot.aws_streams.borrow_mut().clear();
+            other_peer.end(close_code::GOING_AWAY, "peer left mid-message", "peer_gone");
+            return;
+        }
         match gone.family {
             Family::Aws => {
                 for (service_id, (stream_id, connection_id)) in
@@ -535,6 +547,7 @@ impl Shard {
                             if !forward_frame(slot, peer, frame.freeze(), &self.ctx.stats).await {
                                 return Stop::quiet(peer.end_reason.get());
                             }
+                            peer.mid_message.set(!hdr.fin || !aws_tracker.at_boundary());
                         }
                     }
                 }
