@@ -48,6 +48,9 @@ pub const API_ROUTES: &[&str] = &[
     "unmatched",
 ];
 
+/// The statuses the API answers in the normal course, each exported from start-up per route.
+pub const API_STATUSES: &[u16] = &[200, 201, 204, 400, 401, 404, 409, 413, 429, 500, 503];
+
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("static bounds are valid")
 }
@@ -352,23 +355,17 @@ fn render_api(out: &mut String, api: &ApiMetrics) {
         "counter",
         "Control API requests, by route template and status.",
     );
-    let requests = api.requests.lock().expect("metrics lock").clone();
-    for route in API_ROUTES {
-        // Every route has a series from start-up.
-        if !requests.keys().any(|(r, _)| r == route) {
-            let _ = writeln!(
-                out,
-                "iotunnel_api_requests_total{{route=\"{route}\",status=\"200\"}} 0"
-            );
-        }
-    }
-    let mut keys: Vec<_> = requests.keys().cloned().collect();
-    keys.sort();
-    for k in keys {
+    // Every (route, usual status) has a series from start-up, so that rate() and increase()
+    // see the first 409 of a route go up from 0 instead of a series born at 1.
+    let mut series: std::collections::BTreeMap<(String, u16), u64> = API_ROUTES
+        .iter()
+        .flat_map(|r| API_STATUSES.iter().map(|s| ((r.to_string(), *s), 0)))
+        .collect();
+    series.extend(api.requests.lock().expect("metrics lock").clone());
+    for ((route, status), n) in series {
         let _ = writeln!(
             out,
-            "iotunnel_api_requests_total{{route=\"{}\",status=\"{}\"}} {}",
-            k.0, k.1, requests[&k]
+            "iotunnel_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
         );
     }
     header(

@@ -8,7 +8,9 @@
 #   direct  : sender -> sink, one loopback TCP connection (the baseline);
 #   plain   : sender -> iotunnel client -> relay (ws, --relay-plaintext) -> agent -> sink;
 #   tls     : the same with the relay on wss (the generated CA);
-#   rathole : sender -> rathole server -> rathole client -> sink (plain TCP transport).
+#   rathole : sender -> rathole server -> rathole client -> sink (plain TCP transport);
+#   rathole-tls : the same over rathole's TLS transport (its default native-tls build, a
+#             P-256 certificate for localhost made with openssl), to compare with tls.
 # Every path is set up once and stays up (idle ones cost nothing measurable); each round runs
 # the paths back to back in a rotating order, RUNS rounds (default 5).
 #
@@ -21,7 +23,7 @@
 # Usage (from anywhere; builds release first unless BENCH_NO_BUILD=1):
 #   loadtest/scripts/bench-e2e.sh [RUNS] [OUT_DIR]        (OUT_DIR default /work/scratch/bench-e2e)
 # Environment: BENCH_BYTES (1073741824), BENCH_PINGS (10000), BENCH_WARMUP_PINGS (1000),
-#   BENCH_CONFIGS ("direct plain tls rathole"), RATHOLE (the rathole binary; default
+#   BENCH_CONFIGS ("direct plain tls rathole rathole-tls"), RATHOLE (the rathole binary; default
 #   `rathole` on PATH, else /work/scratch/e2e/rathole/bin/rathole), BENCH_MQTT
 #   (mqtt://127.0.0.1:1883, for the plain path), BENCH_QUIET_WAIT (seconds to wait for other
 #   benchmarks before starting; default 1800).
@@ -34,7 +36,7 @@ OUT=${2:-/work/scratch/bench-e2e}
 BYTES=${BENCH_BYTES:-1073741824}
 PINGS=${BENCH_PINGS:-10000}
 WARMUP_PINGS=${BENCH_WARMUP_PINGS:-1000}
-CONFIGS=${BENCH_CONFIGS:-direct plain tls rathole}
+CONFIGS=${BENCH_CONFIGS:-direct plain tls rathole rathole-tls}
 MQTT=${BENCH_MQTT:-mqtt://127.0.0.1:1883}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-1800}
 RATHOLE=${RATHOLE:-$(command -v rathole || echo /work/scratch/e2e/rathole/bin/rathole)}
@@ -48,6 +50,7 @@ PLAIN_API=127.0.0.1:18382 PLAIN_METRICS=127.0.0.1:19382 PLAIN_RELAY=127.0.0.1:18
 TLS_SINK=127.0.0.1:18661 TLS_ECHO=127.0.0.1:18662
 PLAIN_SINK=127.0.0.1:18671 PLAIN_ECHO=127.0.0.1:18672
 RH_CONTROL=127.0.0.1:18650 RH_SINK=127.0.0.1:18651 RH_ECHO=127.0.0.1:18652
+RHT_CONTROL=127.0.0.1:18653 RHT_SINK=127.0.0.1:18654 RHT_ECHO=127.0.0.1:18655
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -216,6 +219,68 @@ cat "$OUT/machine.txt"
 python3 "$OUT/bin/apps.py" servers "$SINK" "$ECHO" & PIDS+=($!)
 wait_port "$SINK"; wait_port "$ECHO"
 
+# --- rathole: server and client on loopback, transport tcp or tls ------------------------
+start_rathole() { # NAME TRANSPORT CONTROL SINK_PORT ECHO_PORT
+  local name=$1 transport=$2 control=$3 sink=$4 echo=$5 dir="$OUT/data/$1"
+  local server_tls="" client_tls=""
+  mkdir -p "$dir"
+  if [ "$transport" = tls ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+      -addext basicConstraints=critical,CA:TRUE \
+      -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+    openssl pkcs12 -export -inkey "$dir/key.pem" -in "$dir/cert.pem" \
+      -out "$dir/identity.p12" -passout pass:bench-e2e
+    server_tls="[server.transport.tls]
+pkcs12 = \"$dir/identity.p12\"
+pkcs12_password = \"bench-e2e\""
+    client_tls="[client.transport.tls]
+trusted_root = \"$dir/cert.pem\"
+hostname = \"localhost\""
+  fi
+  cat > "$dir/server.toml" <<EOF
+[server]
+bind_addr = "$control"
+[server.transport]
+type = "$transport"
+[server.transport.tcp]
+nodelay = true
+$server_tls
+[server.services.sink]
+token = "bench-e2e"
+bind_addr = "$sink"
+[server.services.echo]
+token = "bench-e2e"
+bind_addr = "$echo"
+EOF
+  cat > "$dir/client.toml" <<EOF
+[client]
+remote_addr = "$control"
+[client.transport]
+type = "$transport"
+[client.transport.tcp]
+nodelay = true
+$client_tls
+[client.services.sink]
+token = "bench-e2e"
+local_addr = "$SINK"
+[client.services.echo]
+token = "bench-e2e"
+local_addr = "$ECHO"
+EOF
+  "$RATHOLE" --server "$dir/server.toml" > "$OUT/logs/$name-server.log" 2>&1 &
+  local server=$!
+  PIDS+=("$server")
+  wait_port "$control"
+  "$RATHOLE" --client "$dir/client.toml" > "$OUT/logs/$name-client.log" 2>&1 &
+  local client=$!
+  PIDS+=("$client")
+  # The server binds a service's port once that service's client is in.
+  wait_port "$sink"; wait_port "$echo"
+  PATH_SINK[$name]=$sink; PATH_ECHO[$name]=$echo
+  PATH_PIDS[$name]="$server $client"
+}
+
 # --- iotunnel, TLS: device channel, as in the README -------------------------------------
 start_server() { # NAME API METRICS RELAY EXTRA... -> $SRV_PID, $SRV_DIR
   local name=$1 api=$2 metrics=$3 relay=$4; shift 4
@@ -311,45 +376,8 @@ for c in $CONFIGS; do
     PATH_SINK[plain]=$PLAIN_SINK; PATH_ECHO[plain]=$PLAIN_ECHO
     PATH_PIDS[plain]="$PLAIN_CLIENT $PLAIN_PID $PLAIN_AGENT"
     ;;
-  rathole)
-    cat > "$OUT/data/rathole-server.toml" <<EOF
-[server]
-bind_addr = "$RH_CONTROL"
-[server.transport]
-type = "tcp"
-[server.transport.tcp]
-nodelay = true
-[server.services.sink]
-token = "bench-e2e"
-bind_addr = "$RH_SINK"
-[server.services.echo]
-token = "bench-e2e"
-bind_addr = "$RH_ECHO"
-EOF
-    cat > "$OUT/data/rathole-client.toml" <<EOF
-[client]
-remote_addr = "$RH_CONTROL"
-[client.transport]
-type = "tcp"
-[client.transport.tcp]
-nodelay = true
-[client.services.sink]
-token = "bench-e2e"
-local_addr = "$SINK"
-[client.services.echo]
-token = "bench-e2e"
-local_addr = "$ECHO"
-EOF
-    "$RATHOLE" --server "$OUT/data/rathole-server.toml" > "$OUT/logs/rathole-server.log" 2>&1 &
-    RH_SERVER=$!; PIDS+=($!)
-    wait_port "$RH_CONTROL"
-    "$RATHOLE" --client "$OUT/data/rathole-client.toml" > "$OUT/logs/rathole-client.log" 2>&1 &
-    RH_CLIENT=$!; PIDS+=($!)
-    # The server binds a service's port once that service's client is in.
-    wait_port "$RH_SINK"; wait_port "$RH_ECHO"
-    PATH_SINK[rathole]=$RH_SINK; PATH_ECHO[rathole]=$RH_ECHO
-    PATH_PIDS[rathole]="$RH_SERVER $RH_CLIENT"
-    ;;
+  rathole) start_rathole rathole tcp "$RH_CONTROL" "$RH_SINK" "$RH_ECHO" ;;
+  rathole-tls) start_rathole rathole-tls tls "$RHT_CONTROL" "$RHT_SINK" "$RHT_ECHO" ;;
   direct) ;;
   *) echo "unknown config $c" >&2; exit 2 ;;
   esac
@@ -404,8 +432,8 @@ def vals(kind, c, col):
 def fmt(v, scale=1.0, d=1):
     return f"**{statistics.median(v)/scale:.{d}f}** ({min(v)/scale:.{d}f}-{max(v)/scale:.{d}f})"
 MIB = 1048576.0
-print("| path | runs | MiB/s median (min-max) | tunnel CPU-s per GiB median | x direct | x rathole |")
-print("|---|---:|---|---:|---:|---:|")
+print("| path | runs | MiB/s median (min-max) | tunnel CPU-s per GiB median | x direct | x rathole | x rathole-tls |")
+print("|---|---:|---|---:|---:|---:|---:|")
 tp = {c: vals("throughput", c, 3) for c in configs}
 for c in configs:
     v = tp[c]
@@ -415,8 +443,9 @@ for c in configs:
     cpu = statistics.median(vals("throughput", c, 4)) if c != "direct" else float("nan")
     xd = f"{med / statistics.median(tp['direct']):.2f}" if tp.get("direct") else "-"
     xr = f"{med / statistics.median(tp['rathole']):.2f}" if tp.get("rathole") else "-"
+    xrt = f"{med / statistics.median(tp['rathole-tls']):.2f}" if tp.get("rathole-tls") else "-"
     cpu_s = "-" if c == "direct" else f"{cpu:.2f}"
-    print(f"| {c} | {len(v)} | {fmt(v, MIB)} | {cpu_s} | {xd} | {xr} |")
+    print(f"| {c} | {len(v)} | {fmt(v, MIB)} | {cpu_s} | {xd} | {xr} | {xrt} |")
 print()
 print("| path | runs | p50 us median (min-max) | p99 us median (min-max) | p50 added over direct | p99 added over direct |")
 print("|---|---:|---|---|---:|---:|")
