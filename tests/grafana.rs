@@ -5,60 +5,8 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use common::dashboard::{dashboard, exprs, grafana_file, panels, variable_queries};
 use common::*;
-use serde_json::Value;
-
-fn read(rel: &str) -> String {
-    let path = format!("{}/grafana/{rel}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn dashboard() -> Value {
-    serde_json::from_str(&read("dashboards/iotunnel.json")).expect("dashboard is valid JSON")
-}
-
-/// Every panel, rows' nested panels included.
-fn panels(dash: &Value) -> Vec<&Value> {
-    fn walk<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-        for p in v["panels"].as_array().into_iter().flatten() {
-            out.push(p);
-            walk(p, out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(dash, &mut out);
-    out
-}
-
-/// (panel title, expr) for every query target.
-fn exprs(dash: &Value) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for p in panels(dash) {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            let expr = t["expr"].as_str().expect("target has an expr");
-            out.push((p["title"].as_str().unwrap().to_string(), expr.to_string()));
-        }
-    }
-    out
-}
-
-/// Template variable queries (label_values(...)) also name metrics.
-fn variable_queries(dash: &Value) -> Vec<String> {
-    dash["templating"]["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["type"] == "query")
-        .map(|v| {
-            v["query"]["query"]
-                .as_str()
-                .or(v["query"].as_str())
-                .or(v["definition"].as_str())
-                .expect("query variable has a query")
-                .to_string()
-        })
-        .collect()
-}
 
 fn is_ident(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == ':'
@@ -254,12 +202,12 @@ fn dashboard_is_valid_and_provisionable() {
     }
 
     // The provisioned datasource is the variable's default.
-    let ds = read("provisioning/datasources/prometheus.yml");
+    let ds = grafana_file("provisioning/datasources/prometheus.yml");
     assert!(ds.contains("apiVersion: 1"), "{ds}");
     assert!(ds.contains("type: prometheus"), "{ds}");
     assert!(ds.contains(&format!("uid: {ds_uid}")), "{ds}");
     assert!(ds.contains("url: http://localhost:9090"), "{ds}");
-    let provider = read("provisioning/dashboards/iotunnel.yml");
+    let provider = grafana_file("provisioning/dashboards/iotunnel.yml");
     assert!(provider.contains("type: file"), "{provider}");
     assert!(
         provider.contains("path: /var/lib/grafana/dashboards"),
@@ -343,7 +291,7 @@ fn dashboard_is_valid_and_provisionable() {
     }
 
     // Scrape config.
-    let prom = read("prometheus.yml");
+    let prom = grafana_file("prometheus.yml");
     assert!(prom.contains("scrape_configs:"), "{prom}");
     assert!(
         prom.contains("job_name: \"iotunnel\"") || prom.contains("job_name: iotunnel"),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod dashboard;
 pub mod peers;
 
 use std::sync::Arc;
