@@ -1,15 +1,25 @@
 //! `iotunnel-loadtest`: the load generator for iotunnel.
 //!
-//! One subcommand per scenario, one module per scenario; [`setup`] holds the API plumbing they
-//! share (products, devices, device channels) and [`report`] the results (table and JSON).
+//! One subcommand per scenario, one module per scenario. Shared: [`setup`] (the API: products,
+//! devices, device channels), [`peers`] (tunnel pairs: dialing, tunnels through the API,
+//! `--direct`, `--baseline`), [`wire`] (the AWS and Alibaba framing), [`procs`] (`--procs K`),
+//! [`sys`] (/proc readings, the fd limit) and [`report`] (histograms, progress, JSON).
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod churn;
 mod create;
+mod idle;
+mod latency;
+mod peers;
+mod procs;
 mod report;
 mod setup;
+mod sys;
 mod throughput;
+mod wire;
 
 /// Load generator for the iotunnel control plane and relay.
 #[derive(Parser, Debug)]
@@ -27,6 +37,32 @@ enum Scenario {
     Create(create::CreateArgs),
     /// Bulk data both ways over N tunnel pairs (relay, --baseline relay, or --direct).
     Throughput(throughput::ThroughputArgs),
+    /// Ping-pong at a fixed total rate over N tunnel pairs: latency percentiles.
+    Latency(latency::LatencyArgs),
+    /// Create, pair, exchange one message and close, again and again: cycles/s and step latency.
+    Churn(churn::ChurnArgs),
+    /// Open N idle tunnel pairs and hold them: the relay's memory and open files per pair.
+    Idle(idle::IdleArgs),
+}
+
+/// Flags of every peer scenario about the run itself.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// How long to measure (idle: to hold the pairs), e.g. `10s`, `500ms`, `2m`.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// No progress bar (it is hidden anyway when stderr is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Split the peers (and the rate) over this many child processes and merge their results.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub procs: u32,
+    /// A free-form label copied into the JSON (for scripts).
+    #[arg(long)]
+    pub label: Option<String>,
 }
 
 /// Flags every scenario takes.
@@ -75,6 +111,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Many peers need many files; the hard limit is ours to take.
+    sys::raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,6 +127,9 @@ fn main() -> std::process::ExitCode {
         match cli.scenario {
             Scenario::Create(args) => create::run(args).await,
             Scenario::Throughput(args) => throughput::run(args).await,
+            Scenario::Latency(args) => latency::run(args).await,
+            Scenario::Churn(args) => churn::run(args).await,
+            Scenario::Idle(args) => idle::run(args).await,
         }
     });
     match result {

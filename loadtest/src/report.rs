@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Highest latency recorded exactly: 60 s in microseconds (longer ones are clamped).
@@ -26,7 +27,7 @@ pub fn record(h: &mut Histogram<u64>, d: Duration) {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     /// Median.
     pub p50: u64,
@@ -179,6 +180,63 @@ pub fn spawn_timeline(
     })
 }
 
+/// A histogram as `(value, count)` pairs of its recorded buckets, for a child process to hand
+/// to its parent (see `procs`).
+pub fn hist_to_pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Adds `(value, count)` pairs from [`hist_to_pairs`] to `h`.
+pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for &(v, n) in pairs {
+        let _ = h.record_n(v.clamp(1, MAX_LATENCY_US), n);
+    }
+}
+
+/// A progress bar on stderr, hidden when stderr is no terminal, with `--quiet` and in child
+/// processes.
+pub fn progress(len: u64, what: &str, quiet: bool) -> ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || crate::procs::is_child() || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Median of sorted values (0 when empty).
+pub fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Rounds to one decimal.
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Rounds to three decimals.
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -215,5 +273,18 @@ mod tests {
         for f in ["p50", "p90", "p99", "p999", "max"] {
             assert!(v["latency_us"].get(f).is_some(), "{f}");
         }
+    }
+
+    #[test]
+    fn histograms_cross_processes() {
+        let mut h = latency_histogram();
+        for i in 1..=5000u64 {
+            record(&mut h, Duration::from_micros(i));
+        }
+        let mut back = latency_histogram();
+        add_pairs(&mut back, &hist_to_pairs(&h));
+        add_pairs(&mut back, &hist_to_pairs(&h));
+        assert_eq!(back.len(), 2 * h.len());
+        assert_eq!(back.value_at_quantile(0.99), h.value_at_quantile(0.99));
     }
 }

@@ -1,0 +1,172 @@
+//! What the scenarios read from the kernel: CPU time, memory and open files of a process (from
+//! `/proc`), the whole machine's CPU time, and this process's open-file limit.
+//!
+//! The only `unsafe` of the crate lives here (libc calls that read or set a value).
+
+/// `(utime, stime)` in clock ticks from `/proc/{pid}/stat` (`pid` may be `self`).
+pub fn cpu_ticks(pid: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+/// Jiffies of all CPUs together, from the `cpu` line of `/proc/stat`.
+#[derive(Clone, Copy, Debug)]
+pub struct MachineTicks {
+    /// Everything but idle and iowait.
+    pub busy: u64,
+    /// Of which softirq (the kernel's network receive work lands here when the kernel
+    /// accounts IRQ time apart from tasks).
+    pub softirq: u64,
+    /// All ticks.
+    pub total: u64,
+    /// CPUs listed (`cpuN` lines): the whole machine, whatever this process's affinity.
+    pub cpus: usize,
+}
+
+/// The machine's CPU ticks now.
+pub fn machine_ticks() -> Option<MachineTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    let total: u64 = v.iter().take(8).sum();
+    Some(MachineTicks {
+        busy: total - idle,
+        softirq: v.get(6).copied().unwrap_or(0),
+        total,
+        cpus: stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count(),
+    })
+}
+
+/// utime+stime, in clock ticks, of every `ksoftirqd/N` kernel thread.
+pub fn ksoftirqd_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .filter_map(|e| cpu_ticks(e.file_name().to_str()?))
+        .map(|(u, s)| u + s)
+        .sum()
+}
+
+/// Clock ticks per second (`_SC_CLK_TCK`).
+pub fn clk_tck() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// A process's resident memory and open files at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcUsage {
+    /// `VmRSS` of `/proc/PID/status`, bytes.
+    pub rss_bytes: u64,
+    /// Entries of `/proc/PID/fd`.
+    pub fds: u64,
+}
+
+/// RSS and open files of `pid` (`self` for this process); an error names the pid.
+pub fn proc_usage(pid: &str) -> anyhow::Result<ProcUsage> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status (is process {pid} running?)"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("/proc/{pid}/status has no VmRSS line"))?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("cannot list /proc/{pid}/fd (another user's process?)"))?
+        .count() as u64;
+    Ok(ProcUsage {
+        rss_bytes: rss_kib * 1024,
+        fds,
+    })
+}
+
+/// Raises this process's soft open-file limit to the hard one; returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` on a socket about to be bound to a source address, so the
+/// port is chosen at connect time per destination and each source address gets the whole
+/// ephemeral range.
+pub fn bind_address_no_port(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `fd` is an open socket the caller owns; the option value is a c_int on our stack.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_files_parse() {
+        assert!(cpu_ticks("self").is_some());
+        let m = machine_ticks().unwrap();
+        assert!(m.softirq <= m.busy && m.busy <= m.total);
+        assert!(m.cpus >= 1);
+        let _ = ksoftirqd_ticks();
+        let u = proc_usage("self").unwrap();
+        assert!(u.rss_bytes > 0 && u.fds >= 3, "{u:?}");
+        assert!(proc_usage("999999999").is_err());
+        assert!(raise_fd_limit() > 0);
+    }
+}
