@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::config::{IoDriver, Settings};
 use crate::seam::{ConnectionEvent, DataPlaneSeam, RelayCommand, Side, TunnelIndex};
 
+mod outbox;
 pub mod pump;
 pub mod stats;
 mod sys;

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
+use super::outbox::{Outbox, Refused};
 use super::upgrade::{Conn, Upgrade, CIPHER_READ};
 use super::{sys, ShardCtx};
 use crate::proto::aliyun::{self, FrameType};
@@ -36,7 +37,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const MISSED_PINGS: u32 = 3;
 /// Bytes read per plaintext read call.
 /// Smallest read: what an idle peer's pending read holds.
-const MIN_READ: usize = 2 * 1024;
+const MIN_READ: usize = 1024;
 
 pub(super) type Tls = Rc<RefCell<rustls::ServerConnection>>;
 /// A frame queued for a writer, with when it was read (for the forwarding latency).
@@ -79,8 +80,8 @@ pub(super) struct Peer {
     pub(super) fd: RawFd,
     family: Family,
     aws_version: Option<ProtocolVersion>,
-    data: mpsc::Sender<Queued>,
-    ctl: mpsc::UnboundedSender<Ctl>,
+    /// What its writer is to send.
+    pub(super) outbox: Outbox,
     closing: Cell<bool>,
     end_reason: Cell<&'static str>,
     ending: Notify,
@@ -104,7 +105,7 @@ impl Peer {
             return;
         }
         self.end_reason.set(label);
-        let _ = self.ctl.send(Ctl::Close(code, reason.to_string()));
+        self.outbox.push_ctl(Ctl::Close(code, reason.to_string()));
         self.ending.notify_waiters();
         // A frozen peer never takes its close frame: shut the socket after a grace period,
         // but only while a half still holds the fd open (a closed fd number may be reused).
@@ -118,7 +119,7 @@ impl Peer {
     }
 
     fn send_ctl_frame(&self, frame: Vec<u8>) {
-        let _ = self.ctl.send(Ctl::Frame(frame));
+        self.outbox.push_ctl(Ctl::Frame(frame));
     }
 }
 
@@ -254,8 +255,6 @@ impl Shard {
             peer: addr,
         } = conn;
         let fd = stream.as_raw_fd();
-        let (data_tx, data_rx) = mpsc::channel(QUEUE_FRAMES);
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let id = self.next_peer.replace(self.next_peer.get() + 1);
         let peer = Rc::new(Peer {
             id,
@@ -263,8 +262,7 @@ impl Shard {
             fd,
             family: up.family,
             aws_version: up.aws_version,
-            data: data_tx,
-            ctl: ctl_tx,
+            outbox: Outbox::new(QUEUE_FRAMES),
             closing: Cell::new(false),
             end_reason: Cell::new("peer_gone"),
             ending: Notify::new(),
@@ -307,8 +305,6 @@ impl Shard {
             self.ctx.clone(),
             write,
             tls.clone(),
-            data_rx,
-            ctl_rx,
         ));
         monoio::spawn(pinger(peer.clone(), self.ctx.clone()));
         monoio::spawn(self.clone().serve_reader(slot, peer, read, tls, buffered));
@@ -593,7 +589,7 @@ impl Shard {
                     };
                     cipher.clear();
                     if wants_write {
-                        let _ = peer.ctl.send(Ctl::FlushTls);
+                        peer.outbox.push_ctl(Ctl::FlushTls);
                     }
                     if !open {
                         return Stop::quiet("peer_gone");
@@ -756,7 +752,7 @@ impl Shard {
 fn room_for(buf: &mut BytesMut, want: usize) {
     let len = buf.len();
     let cap = buf.capacity();
-    if cap - len >= want && !(len == 0 && cap > 4 * want) {
+    if cap - len >= want && !(len == 0 && cap > 2 * want) {
         return;
     }
     let mut fresh = BytesMut::with_capacity(len + want);
@@ -766,16 +762,12 @@ fn room_for(buf: &mut BytesMut, want: usize) {
 
 /// Queues a relay-generated frame for `peer`. The caller can't wait, so when the queue is full
 /// a task waits for room: the message is late, never lost (unless the peer goes away).
-fn queue_frame(peer: &Peer, frame: Bytes) {
-    match peer.data.try_send((frame, None)) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(item)) => {
-            let data = peer.data.clone();
-            monoio::spawn(async move {
-                let _ = data.send(item).await;
-            });
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+fn queue_frame(peer: &Rc<Peer>, frame: Bytes) {
+    if let Err(Refused::Full(item)) = peer.outbox.try_push((frame, None)) {
+        let peer = peer.clone();
+        monoio::spawn(async move {
+            let _ = peer.outbox.push(item).await;
+        });
     }
 }
 
@@ -799,14 +791,14 @@ async fn forward_frame(
             Some(target) if !target.closing.get() => {
                 let ending = me.ending.notified();
                 monoio::select! {
-                    sent = target.data.send(frame.clone()) => match sent {
+                    sent = target.outbox.push(frame.clone()) => match sent {
                         Ok(()) => {
                             stats.forwarded(me.side, len);
                             let d = &slot.bytes[super::stats::direction(me.side)];
                             d.set(d.get() + len as u64);
                             return true;
                         }
-                        Err(mpsc::error::SendError(f)) => frame = f,
+                        Err(f) => frame = f,
                     },
                     _ = ending => return false,
                 }

@@ -6,18 +6,22 @@ use std::time::Instant;
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
-use tokio::sync::mpsc;
 
-use super::pump::{Ctl, Peer, Queued, Tls};
+use super::pump::{Ctl, Peer, Tls};
 use super::{sys, ShardCtx};
 use crate::proto::ws::{self, close_code};
 
 /// Encrypts `frames` (and a close_notify when `closing`) into `out`.
 fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bool {
     let mut session = tls.borrow_mut();
-    let mut ok = frames
-        .iter()
-        .all(|f| super::tls::seal(&mut session, f, out).is_ok());
+    let mut ok = if frames.is_empty() {
+        // A flush alone: the records the session has pending (alerts, key updates).
+        super::tls::seal(&mut session, &[], out).is_ok()
+    } else {
+        frames
+            .iter()
+            .all(|f| super::tls::seal(&mut session, f, out).is_ok())
+    };
     if closing {
         session.send_close_notify();
         ok &= super::tls::seal(&mut session, &[], out).is_ok();
@@ -31,10 +35,9 @@ pub(super) async fn write_loop(
     ctx: Rc<ShardCtx>,
     write: OwnedWriteHalf<TcpStream>,
     tls: Option<Tls>,
-    data: mpsc::Receiver<Queued>,
-    ctl: mpsc::UnboundedReceiver<Ctl>,
 ) {
-    write_frames(&peer, &ctx, write, tls, data, ctl).await;
+    write_frames(&peer, &ctx, write, tls).await;
+    peer.outbox.close();
     peer.halves.set(peer.halves.get() - 1);
 }
 
@@ -46,9 +49,8 @@ async fn write_frames(
     ctx: &ShardCtx,
     mut write: OwnedWriteHalf<TcpStream>,
     tls: Option<Tls>,
-    mut data: mpsc::Receiver<Queued>,
-    mut ctl: mpsc::UnboundedReceiver<Ctl>,
 ) {
+    let outbox = &peer.outbox;
     let mut sealed: Vec<u8> = Vec::new();
     let mut frames: Vec<Bytes> = Vec::new();
     let mut read_at: Vec<Instant> = Vec::new();
@@ -64,31 +66,21 @@ async fn write_frames(
                 closing = true;
             }
         };
-        while let Ok(c) = ctl.try_recv() {
+        outbox.ready().await;
+        while let Some(c) = outbox.pop_ctl() {
             take_ctl(c, &mut frames);
         }
         while frames.len() < WRITE_BATCH {
-            match data.try_recv() {
-                Ok((f, at)) => {
-                    frames.push(f);
-                    read_at.extend(at);
-                }
-                Err(_) => break,
-            }
+            let Some((f, at)) = outbox.pop_data() else {
+                break;
+            };
+            frames.push(f);
+            read_at.extend(at);
         }
         if frames.is_empty() {
-            monoio::select! {
-                c = ctl.recv() => match c {
-                    Some(c) => take_ctl(c, &mut frames),
-                    None => return,
-                },
-                d = data.recv() => match d {
-                    Some((f, at)) => {
-                        frames.push(f);
-                        read_at.extend(at);
-                    }
-                    None => return,
-                },
+            // Only a TLS flush was asked for, and the session had nothing to send.
+            if tls.as_ref().is_none_or(|t| !t.borrow().wants_write()) {
+                continue;
             }
         }
         let written: u64 = frames.iter().map(|f| f.len() as u64).sum();
