@@ -26,7 +26,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::peers::{Dialer, Mode, PeerArgs, Tunnels, Ws, HANDSHAKE_TIMEOUT};
-use crate::report::{self, progress, round1, round3, Latency};
+use crate::report::{self, progress, round1, round3, Latency, ScenarioReport};
 use crate::wire::{self, Event, Family, Inbox, Side};
 use crate::{procs, RunArgs};
 
@@ -78,37 +78,19 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<()> {
              meaning here"
         );
     }
-    let report = if args.run.procs > 1 {
-        let k = args.run.procs as usize;
-        let (rate, conc) = (u64::from(args.rate), u64::from(args.concurrency));
-        let mut kids = procs::Children::spawn(k, |i| {
-            let mut flags = vec![("--concurrency", procs::share(conc, k, i).max(1).to_string())];
-            if rate > 0 {
-                flags.push(("--rate", procs::share(rate, k, i).max(1).to_string()));
-            }
-            flags
-        })?;
-        kids.wait_ready().await?;
-        kids.go().await?;
-        ChurnReport::merge(kids.results().await?)
-    } else {
-        let report = measure(&args).await?;
-        if procs::is_child() {
-            return procs::emit(&report);
+    let k = args.run.procs as usize;
+    let (rate, conc) = (u64::from(args.rate), u64::from(args.concurrency));
+    let flags = |i| {
+        let mut flags = vec![("--concurrency", procs::share(conc, k, i).max(1).to_string())];
+        if rate > 0 {
+            flags.push(("--rate", procs::share(rate, k, i).max(1).to_string()));
         }
-        report
+        flags
     };
-    report.print();
-    if let Some(path) = &args.run.json {
-        report::write_json(path, &report)?;
-    }
-    if report.cycles == 0 {
-        bail!(
-            "no cycle completed; first error: {}",
-            report.first_errors.first().map_or("none", String::as_str)
-        );
-    }
-    Ok(())
+    let Some(report) = procs::split(k, flags, ChurnReport::merge, measure(&args)).await? else {
+        return Ok(());
+    };
+    report::finish(&report, args.run.json.as_deref())
 }
 
 async fn measure(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
@@ -460,7 +442,9 @@ impl ChurnReport {
             .collect();
         out
     }
+}
 
+impl ScenarioReport for ChurnReport {
     fn print(&self) {
         println!();
         println!(
@@ -501,5 +485,14 @@ impl ChurnReport {
         for e in self.first_errors.iter().take(5) {
             println!("  {e}");
         }
+    }
+
+    fn failure(&self) -> Option<String> {
+        (self.cycles == 0).then(|| {
+            format!(
+                "no cycle completed; first error: {}",
+                self.first_errors.first().map_or("none", String::as_str)
+            )
+        })
     }
 }

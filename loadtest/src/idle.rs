@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use crate::peers::{Mode, PeerArgs, Ws};
-use crate::report::{self, progress, round1};
+use crate::report::{self, progress, round1, ScenarioReport};
 use crate::sys::{self, ProcUsage};
 use crate::wire::Family;
 use crate::{procs, RunArgs};
@@ -59,17 +59,10 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
     };
     let report = if args.run.procs > 1 {
         let k = args.run.procs as usize;
-        if (args.tunnels as usize) < k {
-            bail!("--procs {k} needs at least {k} --tunnels");
-        }
+        procs::check_tunnels(args.run.procs, args.tunnels)?;
         let before = watched(&args)?;
         let start = Instant::now();
-        let mut kids = procs::Children::spawn(k, |i| {
-            vec![(
-                "--tunnels",
-                procs::share(args.tunnels.into(), k, i).to_string(),
-            )]
-        })?;
+        let mut kids = procs::Children::spawn(k, |i| procs::tunnel_flags(args.tunnels, k, i))?;
         kids.wait_ready().await?;
         let setup = start.elapsed();
         hold(args.run.duration, args.run.quiet).await;
@@ -93,19 +86,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         }
         r
     };
-    report.print();
-    if let Some(path) = &args.run.json {
-        report::write_json(path, &report)?;
-    }
-    if report.pairs_held < u64::from(report.tunnels) {
-        bail!(
-            "{} of {} pairs ended during the hold; first: {}",
-            u64::from(report.tunnels) - report.pairs_held,
-            report.tunnels,
-            report.errors.first().map_or("?", String::as_str)
-        );
-    }
-    Ok(())
+    report::finish(&report, args.run.json.as_deref())
 }
 
 /// Sleeps for the hold, showing its progress.
@@ -301,7 +282,9 @@ impl IdleReport {
         }
         out
     }
+}
 
+impl ScenarioReport for IdleReport {
     fn print(&self) {
         let kib = |b: u64| b as f64 / 1024.0;
         println!();
@@ -341,5 +324,16 @@ impl IdleReport {
         for e in self.errors.iter().take(5) {
             println!("  {e}");
         }
+    }
+
+    fn failure(&self) -> Option<String> {
+        (self.pairs_held < u64::from(self.tunnels)).then(|| {
+            format!(
+                "{} of {} pairs ended during the hold; first: {}",
+                u64::from(self.tunnels) - self.pairs_held,
+                self.tunnels,
+                self.errors.first().map_or("?", String::as_str)
+            )
+        })
     }
 }

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::peers::{Mode, PeerArgs, Ws};
-use crate::report::{self, progress, round1, round3, Latency};
+use crate::report::{self, progress, round1, round3, Latency, ScenarioReport};
 use crate::throughput::parse_warmup;
 use crate::wire::{self, Channel, Event, Family, Inbox};
 use crate::{procs, RunArgs};
@@ -70,49 +70,25 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
             family.max_frame_payload()
         );
     }
-    let report = if args.run.procs > 1 {
-        let k = args.run.procs as usize;
-        if (args.tunnels as usize) < k {
-            bail!("--procs {k} needs at least {k} --tunnels");
-        }
-        let (tunnels, rate) = (u64::from(args.tunnels), u64::from(args.rate));
-        let mut kids = procs::Children::spawn(k, |i| {
-            vec![
-                ("--tunnels", procs::share(tunnels, k, i).to_string()),
-                // The rate follows the tunnels, so every tunnel keeps the same interval.
-                (
-                    "--rate",
-                    ((rate * procs::share(tunnels, k, i)) / tunnels)
-                        .max(1)
-                        .to_string(),
-                ),
-            ]
-        })?;
-        kids.wait_ready().await?;
-        kids.go().await?;
-        LatencyReport::merge(kids.results().await?)
-    } else {
-        let report = measure(&args).await?;
-        if procs::is_child() {
-            return procs::emit(&report);
-        }
-        report
+    let k = args.run.procs as usize;
+    procs::check_tunnels(args.run.procs, args.tunnels)?;
+    let (tunnels, rate) = (u64::from(args.tunnels), u64::from(args.rate));
+    let flags = |i| {
+        vec![
+            ("--tunnels", procs::share(tunnels, k, i).to_string()),
+            // The rate follows the tunnels, so every tunnel keeps the same interval.
+            (
+                "--rate",
+                ((rate * procs::share(tunnels, k, i)) / tunnels)
+                    .max(1)
+                    .to_string(),
+            ),
+        ]
     };
-    report.print();
-    if let Some(path) = &args.run.json {
-        report::write_json(path, &report)?;
-    }
-    if !report.errors.is_empty() {
-        bail!(
-            "{} tunnel(s) failed during the run; first: {}",
-            report.errors.len(),
-            report.errors[0]
-        );
-    }
-    if report.messages == 0 {
-        bail!("no echo arrived in the measured window");
-    }
-    Ok(())
+    let Some(report) = procs::split(k, flags, LatencyReport::merge, measure(&args)).await? else {
+        return Ok(());
+    };
+    report::finish(&report, args.run.json.as_deref())
 }
 
 async fn measure(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
@@ -405,7 +381,9 @@ impl LatencyReport {
         out.latency_us = Latency::of(&hist);
         out
     }
+}
 
+impl ScenarioReport for LatencyReport {
     fn print(&self) {
         println!();
         println!(
@@ -437,5 +415,19 @@ impl LatencyReport {
         for e in self.errors.iter().take(5) {
             println!("  {e}");
         }
+    }
+
+    fn failure(&self) -> Option<String> {
+        if !self.errors.is_empty() {
+            return Some(format!(
+                "{} tunnel(s) failed during the run; first: {}",
+                self.errors.len(),
+                self.errors[0]
+            ));
+        }
+        if self.messages == 0 {
+            return Some("no echo arrived in the measured window".into());
+        }
+        None
     }
 }

@@ -10,6 +10,7 @@
 //! ```
 //! Its stderr goes to the parent's stderr. The parent itself opens no peer, so K processes hold
 //! K times the open files one may.
+use std::future::Future;
 use std::process::Stdio;
 
 use anyhow::{anyhow, bail, Context};
@@ -51,6 +52,47 @@ pub fn emit<T: Serialize>(part: &T) -> anyhow::Result<()> {
 pub fn share(total: u64, k: usize, i: usize) -> u64 {
     let k = k as u64;
     total / k + u64::from((i as u64) < total % k)
+}
+
+/// Fails unless every one of `procs` processes gets at least one of `tunnels`.
+pub fn check_tunnels(procs: u32, tunnels: u32) -> anyhow::Result<()> {
+    if tunnels < procs {
+        bail!("--procs {procs} needs at least {procs} --tunnels");
+    }
+    Ok(())
+}
+
+/// Child `i`'s flags when only the tunnels are split over `k` children.
+pub fn tunnel_flags(tunnels: u32, k: usize, i: usize) -> Vec<(&'static str, String)> {
+    vec![("--tunnels", share(tunnels.into(), k, i).to_string())]
+}
+
+/// The `--procs` split of a scenario. With `k > 1`: starts `k` children with `flags(i)` (see
+/// [`Children::spawn`]), waits until all are ready, starts them together and merges their
+/// results. Otherwise: runs `measure` here; in a child, hands its result to the parent and
+/// returns `None` (the parent prints and judges).
+pub async fn split<R, F>(
+    k: usize,
+    flags: impl Fn(usize) -> Vec<(&'static str, String)>,
+    merge: impl FnOnce(Vec<R>) -> R,
+    measure: F,
+) -> anyhow::Result<Option<R>>
+where
+    R: Serialize + DeserializeOwned,
+    F: Future<Output = anyhow::Result<R>>,
+{
+    if k > 1 {
+        let mut kids = Children::spawn(k, flags)?;
+        kids.wait_ready().await?;
+        kids.go().await?;
+        return Ok(Some(merge(kids.results().await?)));
+    }
+    let report = measure.await?;
+    if is_child() {
+        emit(&report)?;
+        return Ok(None);
+    }
+    Ok(Some(report))
 }
 
 /// `args` without the flags in `drop` (and their values), with `set` appended.

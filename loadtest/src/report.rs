@@ -146,9 +146,7 @@ impl Report {
 
     /// Writes the JSON document to `path`.
     pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
-        let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))
+        write_json(path, self)
     }
 }
 
@@ -218,6 +216,27 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// A peer scenario's results, as the end of its run handles them (see [`finish`]).
+pub trait ScenarioReport: Serialize {
+    /// Prints the human table.
+    fn print(&self);
+    /// Why the run counts as failed (errors, nothing measured), if it does.
+    fn failure(&self) -> Option<String>;
+}
+
+/// The end of a peer scenario's run: prints `report`, writes it to `json` when given, then
+/// fails with its [`ScenarioReport::failure`], if any.
+pub fn finish<R: ScenarioReport>(report: &R, json: Option<&Path>) -> anyhow::Result<()> {
+    report.print();
+    if let Some(path) = json {
+        write_json(path, report)?;
+    }
+    match report.failure() {
+        Some(why) => Err(anyhow::Error::msg(why)),
+        None => Ok(()),
+    }
+}
+
 /// Median of sorted values (0 when empty).
 pub fn median(sorted: &[f64]) -> f64 {
     match sorted.len() {
@@ -273,6 +292,30 @@ mod tests {
         for f in ["p50", "p90", "p99", "p999", "max"] {
             assert!(v["latency_us"].get(f).is_some(), "{f}");
         }
+    }
+
+    #[derive(Serialize)]
+    struct Dummy {
+        ops: u64,
+    }
+
+    impl ScenarioReport for Dummy {
+        fn print(&self) {}
+        fn failure(&self) -> Option<String> {
+            (self.ops == 0).then(|| "nothing measured".to_string())
+        }
+    }
+
+    #[test]
+    fn finish_writes_then_fails() {
+        let path =
+            std::env::temp_dir().join(format!("loadtest-finish-{}.json", std::process::id()));
+        let err = finish(&Dummy { ops: 0 }, Some(&path)).unwrap_err();
+        assert_eq!(err.to_string(), "nothing measured");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\n  \"ops\": 0\n}\n");
+        let _ = std::fs::remove_file(&path);
+        assert!(finish(&Dummy { ops: 1 }, None).is_ok());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::peers::{Mode, PeerArgs, Ws};
-use crate::report::{median, progress, round1, round3};
+use crate::report::{self, median, progress, round1, round3, ScenarioReport};
 use crate::sys::{clk_tck, cpu_ticks, ksoftirqd_ticks, machine_ticks};
 use crate::wire::{self, Channel, Event, Family, Inbox};
 use crate::{procs, RunArgs};
@@ -125,42 +125,14 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     if args.peers.relay_pid.is_some() {
         args.peers.relay_usage()?;
     }
-    let report = if args.run.procs > 1 {
-        let k = args.run.procs as usize;
-        if (args.tunnels as usize) < k {
-            bail!("--procs {k} needs at least {k} --tunnels");
-        }
-        let mut kids = procs::Children::spawn(k, |i| {
-            vec![(
-                "--tunnels",
-                procs::share(args.tunnels.into(), k, i).to_string(),
-            )]
-        })?;
-        kids.wait_ready().await?;
-        kids.go().await?;
-        ThroughputReport::merge(kids.results().await?)
-    } else {
-        let report = measure(&args, size).await?;
-        if procs::is_child() {
-            return procs::emit(&report);
-        }
-        report
+    let k = args.run.procs as usize;
+    procs::check_tunnels(args.run.procs, args.tunnels)?;
+    let flags = |i| procs::tunnel_flags(args.tunnels, k, i);
+    let merge = ThroughputReport::merge;
+    let Some(report) = procs::split(k, flags, merge, measure(&args, size)).await? else {
+        return Ok(());
     };
-    report.print();
-    if let Some(path) = &args.run.json {
-        crate::report::write_json(path, &report)?;
-    }
-    if !report.errors.is_empty() {
-        bail!(
-            "{} peer connection(s) failed during the run; first: {}",
-            report.errors.len(),
-            report.errors[0]
-        );
-    }
-    if report.bytes == 0 {
-        bail!("no data arrived in the measured window");
-    }
-    Ok(())
+    report::finish(&report, args.run.json.as_deref())
 }
 
 /// Connects the pairs, waits for the go (`--procs`), runs the window and reports.
@@ -644,7 +616,9 @@ impl ThroughputReport {
         out.machine.other_cpu_seconds = out.other_cpu();
         out
     }
+}
 
+impl ScenarioReport for ThroughputReport {
     fn print(&self) {
         let mib = |b: f64| b / (1u64 << 20) as f64;
         println!();
@@ -701,6 +675,20 @@ impl ThroughputReport {
         for e in self.errors.iter().take(5) {
             println!("  {e}");
         }
+    }
+
+    fn failure(&self) -> Option<String> {
+        if !self.errors.is_empty() {
+            return Some(format!(
+                "{} peer connection(s) failed during the run; first: {}",
+                self.errors.len(),
+                self.errors[0]
+            ));
+        }
+        if self.bytes == 0 {
+            return Some("no data arrived in the measured window".into());
+        }
+        None
     }
 }
 

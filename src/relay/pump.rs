@@ -35,7 +35,6 @@ const QUEUE_FRAMES: usize = 32;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Pings a peer may miss before it is dropped (issue 3).
 const MISSED_PINGS: u32 = 3;
-/// Bytes read per plaintext read call.
 /// Smallest read: what an idle peer's pending read holds.
 const MIN_READ: usize = 1024;
 
