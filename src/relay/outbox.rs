@@ -95,9 +95,14 @@ impl Outbox {
         item
     }
 
+    /// Whether nothing is queued.
+    pub(super) fn is_empty(&self) -> bool {
+        self.ctl.borrow().is_empty() && self.data.borrow().is_empty()
+    }
+
     /// Waits until something is queued.
     pub(super) async fn ready(&self) {
-        while self.ctl.borrow().is_empty() && self.data.borrow().is_empty() {
+        while self.is_empty() {
             self.readable.notified().await;
         }
     }

@@ -43,6 +43,10 @@ pub(super) async fn write_loop(
 
 /// Most forwarded frames written in one go.
 const WRITE_BATCH: usize = 64;
+/// Most forwarded bytes written in one go (bounds the TLS buffer a burst grows).
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// TLS buffer kept by an idle writer; a larger one is given back.
+const KEEP_SEALED: usize = 64 * 1024;
 
 async fn write_frames(
     peer: &Rc<Peer>,
@@ -66,14 +70,20 @@ async fn write_frames(
                 closing = true;
             }
         };
+        if outbox.is_empty() && sealed.capacity() > KEEP_SEALED {
+            // Going idle: give back the TLS buffer a burst grew.
+            sealed = Vec::new();
+        }
         outbox.ready().await;
         while let Some(c) = outbox.pop_ctl() {
             take_ctl(c, &mut frames);
         }
-        while frames.len() < WRITE_BATCH {
+        let mut batch_bytes = 0;
+        while frames.len() < WRITE_BATCH && batch_bytes < WRITE_BATCH_BYTES {
             let Some((f, at)) = outbox.pop_data() else {
                 break;
             };
+            batch_bytes += f.len();
             frames.push(f);
             read_at.extend(at);
         }
