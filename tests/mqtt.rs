@@ -3,7 +3,7 @@
 //! Every server has its own random product keys, so tests running side by side on one broker
 //! never see each other's topics.
 mod common;
-use common::agent::echo_server;
+use common::agent::{echo_server, echo_through};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +19,6 @@ use iotunnel::config::{MqttSettings, MqttUrl, Secret, DEFAULT_MQTT_THING_TEMPLAT
 use reqwest::StatusCode;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -415,25 +414,6 @@ async fn an_unreachable_broker_never_blocks_the_api() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert!(!t.server().control.mqtt.as_ref().unwrap().is_connected());
-}
-
-/// Sends `len` bytes through `conn` while reading them back; checks they come back intact.
-async fn echo_through(conn: &mut TcpStream, len: usize, seed: u8) {
-    let data: Vec<u8> = (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
-        .collect();
-    let (mut r, mut w) = conn.split();
-    let send = async { w.write_all(&data).await.expect("write to the client") };
-    let recv = async {
-        let mut got = vec![0u8; len];
-        r.read_exact(&mut got).await.expect("echo comes back");
-        got
-    };
-    let ((), got) = within_for(Duration::from_secs(60), "echo through the tunnel", async {
-        tokio::join!(send, recv)
-    })
-    .await;
-    assert!(got == data, "echo of {len} bytes differs");
 }
 
 async fn wait_device_side(t: &TestServer, key: &str, id: &str, state: &str) {
