@@ -320,10 +320,7 @@ impl ScenarioReport for IdleReport {
                 c.fds
             );
         }
-        println!("errors      {}", self.errors.len());
-        for e in self.errors.iter().take(5) {
-            println!("  {e}");
-        }
+        crate::report::print_errors(&self.errors);
     }
 
     fn failure(&self) -> Option<String> {

@@ -411,10 +411,7 @@ impl ScenarioReport for LatencyReport {
             "            {:>8} {:>8} {:>8} {:>8} {:>8} {:>8.1}",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         );
-        println!("errors      {}", self.errors.len());
-        for e in self.errors.iter().take(5) {
-            println!("  {e}");
-        }
+        crate::report::print_errors(&self.errors);
     }
 
     fn failure(&self) -> Option<String> {

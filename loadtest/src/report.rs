@@ -15,6 +15,14 @@ use serde_json::Value;
 /// Highest latency recorded exactly: 60 s in microseconds (longer ones are clamped).
 const MAX_LATENCY_US: u64 = 60_000_000;
 
+/// Prints a run's error count and its first five errors, the end of every scenario's table.
+pub fn print_errors(errors: &[String]) {
+    println!("errors      {}", errors.len());
+    for e in errors.iter().take(5) {
+        println!("  {e}");
+    }
+}
+
 /// A latency histogram in microseconds.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")

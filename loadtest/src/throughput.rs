@@ -671,10 +671,7 @@ impl ScenarioReport for ThroughputReport {
             self.machine.ksoftirqd_cpu_seconds,
             self.machine.other_cpu_seconds
         );
-        println!("errors      {}", self.errors.len());
-        for e in self.errors.iter().take(5) {
-            println!("  {e}");
-        }
+        crate::report::print_errors(&self.errors);
     }
 
     fn failure(&self) -> Option<String> {
