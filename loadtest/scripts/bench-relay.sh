@@ -49,18 +49,9 @@ mkdir -p "$DATA_BASE"
 SUMMARY_ONLY=${BENCH_SUMMARY_ONLY:-0}
 if [ "$SUMMARY_ONLY" = 1 ]; then
   BIN=/nonexistent
-elif [ -n "${BENCH_BIN_DIR:-}" ]; then
-  BIN=$(cd "$BENCH_BIN_DIR" && pwd)
 else
-  if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -p iotunnel -p iotunnel-loadtest)
-  fi
-  # Private copies: another session's build must not swap the binaries mid-run.
-  BIN=$OUT/bin
-  mkdir -p "$BIN"
-  for b in iotunnel iotunnel-loadtest iotunnel-baseline-relay; do
-    cp "$ROOT/target/release/$b" "$BIN/$b.new" && mv "$BIN/$b.new" "$BIN/$b"
-  done
+  . "$ROOT/loadtest/scripts/lib-binaries.sh"
+  bench_binaries "$ROOT" "$OUT" iotunnel iotunnel-loadtest iotunnel-baseline-relay
 fi
 SRV_PIN=()
 LT_PIN=()

@@ -41,18 +41,8 @@ export IOTUNNEL_ADMIN_KEY=${IOTUNNEL_ADMIN_KEY:-bench-scrape-admin-key-012345678
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-if [ -n "${BENCH_BIN_DIR:-}" ]; then
-  BIN=$(cd "$BENCH_BIN_DIR" && pwd)
-else
-  if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -p iotunnel -p iotunnel-loadtest)
-  fi
-  BIN=$OUT/bin
-  mkdir -p "$BIN"
-  for b in iotunnel iotunnel-loadtest; do
-    cp "$ROOT/target/release/$b" "$BIN/$b.new" && mv "$BIN/$b.new" "$BIN/$b"
-  done
-fi
+. "$ROOT/loadtest/scripts/lib-binaries.sh"
+bench_binaries "$ROOT" "$OUT" iotunnel iotunnel-loadtest
 
 {
   echo "date: $(date -u +%FT%TZ)"
