@@ -42,6 +42,30 @@ fn is(m: &Message, kind: MessageType) -> bool {
     m.r#type == kind as i32
 }
 
+/// The Alibaba device side of `tun`, connected and seen CONNECTED by describe.
+async fn aliyun_device(
+    t: &TestServer,
+    f: &Fixture,
+    tun: &OpenTunnel,
+    style: AliyunStyle,
+) -> AliyunPeer {
+    let device = AliyunPeer::connect(
+        &Relay::of(t),
+        &tun.id,
+        AliyunSide::Device,
+        &tun.device_token,
+        style,
+    )
+    .await;
+    wait_state(t, f, &tun.id, "device", "CONNECTED").await;
+    device
+}
+
+/// The Alibaba client side of `tun`.
+async fn aliyun_client(relay: &Relay, tun: &OpenTunnel, style: AliyunStyle) -> AliyunPeer {
+    AliyunPeer::connect(relay, &tun.id, AliyunSide::Source, &tun.client_token, style).await
+}
+
 /// Describe shows both sides CONNECTED with a loopback address.
 async fn assert_both_connected(t: &TestServer, f: &Fixture, id: &str) {
     let d = wait_describe(t, f, id, "both sides CONNECTED", |v| {
@@ -481,23 +505,8 @@ async fn aliyun_end_to_end(driver: IoDriver) {
         .strip_prefix("wss://localhost:8443")
         .expect("device URL on the public endpoint");
     assert_eq!(device_path, format!("/tunnel/{}/device", tun.id));
-    let mut device = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Device,
-        &tun.device_token,
-        AliyunStyle::PlainHeader,
-    )
-    .await;
-    wait_state(&t, &f, &tun.id, "device", "CONNECTED").await;
-    let mut client = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Source,
-        &tun.client_token,
-        AliyunStyle::WebSocketProtocol,
-    )
-    .await;
+    let mut device = aliyun_device(&t, &f, &tun, AliyunStyle::PlainHeader).await;
+    let mut client = aliyun_client(&relay, &tun, AliyunStyle::WebSocketProtocol).await;
     assert_both_connected(&t, &f, &tun.id).await;
 
     // session_create without a session id; the device sees one the relay chose.
@@ -561,23 +570,8 @@ async fn aliyun_session_limit(driver: IoDriver) {
     let relay = Relay::of(&t);
     let mut f = t.online_device().await;
     let tun = open_tunnel(&t, &mut f, &["_SSH"]).await;
-    let mut device = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Device,
-        &tun.device_token,
-        AliyunStyle::WebSocketProtocol,
-    )
-    .await;
-    wait_state(&t, &f, &tun.id, "device", "CONNECTED").await;
-    let mut client = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Source,
-        &tun.client_token,
-        AliyunStyle::PlainHeader,
-    )
-    .await;
+    let mut device = aliyun_device(&t, &f, &tun, AliyunStyle::WebSocketProtocol).await;
+    let mut client = aliyun_client(&relay, &tun, AliyunStyle::PlainHeader).await;
     let first = client.open_session(&mut device, "_SSH").await;
     let _second = client.open_session(&mut device, "_SSH").await;
 
@@ -610,23 +604,8 @@ async fn aliyun_silent_device_times_out(driver: IoDriver) {
     let relay = Relay::of(&t);
     let mut f = t.online_device().await;
     let tun = open_tunnel(&t, &mut f, &["_SSH"]).await;
-    let mut device = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Device,
-        &tun.device_token,
-        AliyunStyle::WebSocketProtocol,
-    )
-    .await;
-    wait_state(&t, &f, &tun.id, "device", "CONNECTED").await;
-    let mut client = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Source,
-        &tun.client_token,
-        AliyunStyle::WebSocketProtocol,
-    )
-    .await;
+    let mut device = aliyun_device(&t, &f, &tun, AliyunStyle::WebSocketProtocol).await;
+    let mut client = aliyun_client(&relay, &tun, AliyunStyle::WebSocketProtocol).await;
     let frame_id = client.session_create("_SSH").await;
     assert_eq!(device.recv().await.frame_type(), frame_type::SESSION_CREATE);
     let answer = within_for(
@@ -755,24 +734,8 @@ async fn aliyun_replacement_releases_open_sessions(driver: IoDriver) {
     let relay = Relay::of(&t);
     let mut f = t.online_device().await;
     let tun = open_tunnel(&t, &mut f, &["_SSH"]).await;
-    let mut device = AliyunPeer::connect(
-        &relay,
-        &tun.id,
-        AliyunSide::Device,
-        &tun.device_token,
-        AliyunStyle::WebSocketProtocol,
-    )
-    .await;
-    wait_state(&t, &f, &tun.id, "device", "CONNECTED").await;
-    let connect_client = || {
-        AliyunPeer::connect(
-            &relay,
-            &tun.id,
-            AliyunSide::Source,
-            &tun.client_token,
-            AliyunStyle::WebSocketProtocol,
-        )
-    };
+    let mut device = aliyun_device(&t, &f, &tun, AliyunStyle::WebSocketProtocol).await;
+    let connect_client = || aliyun_client(&relay, &tun, AliyunStyle::WebSocketProtocol);
     let mut first = connect_client().await;
     let a = first.open_session(&mut device, "_SSH").await;
     let b = first.open_session(&mut device, "_SSH").await;
