@@ -66,14 +66,18 @@ impl Outbox {
     /// Queues a forwarded frame, waiting for room; gives it back if the writer is gone.
     pub(super) async fn push(&self, mut item: Queued) -> Result<(), Queued> {
         loop {
-            // Registered before the check, so a pop in between is not missed.
-            let room = self.writable.notified();
-            let mut room = std::pin::pin!(room);
-            room.as_mut().enable();
             match self.try_push(item) {
                 Ok(()) => return Ok(()),
                 Err(Refused::Closed(back)) => return Err(back),
                 Err(Refused::Full(back)) => item = back,
+            }
+            // Full: wait for a pop, registered before looking again so one in between is not
+            // missed (the common, not-full case never touches the waiter list).
+            let room = self.writable.notified();
+            let mut room = std::pin::pin!(room);
+            room.as_mut().enable();
+            if self.closed.get() || self.data.borrow().len() < self.cap {
+                continue;
             }
             room.await;
         }
