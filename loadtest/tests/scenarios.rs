@@ -1,17 +1,15 @@
 //! `latency`, `churn` and `idle` end to end, briefly, against an in-process iotunnel server
 //! (plaintext relay) and the direct pairing, in both protocol families and with `--procs`:
 //! the JSON has the documented fields with sane values, and a bad endpoint fails fast.
-use std::path::Path;
+use iotunnel::server::Server;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iotunnel::clock::{Clock, SystemClock};
-use iotunnel::config::{Secret, Settings};
-use iotunnel::server::{Listeners, Server};
 use serde_json::Value;
 
-const ADMIN_KEY: &str = "itk_loadtest-admin-key-0123456789abcdef";
+mod common;
+
+use common::{server, ADMIN_KEY};
 
 fn loadtest(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_iotunnel-loadtest"))
@@ -58,18 +56,6 @@ fn check_latency(l: &Value) {
     assert!(p[0] > 0 && p.windows(2).all(|w| w[0] <= w[1]), "{l}");
 }
 
-async fn server(dir: &Path) -> Server {
-    let mut settings = Settings::for_tests(dir.to_path_buf());
-    settings.admin_key = Some(Secret(ADMIN_KEY.into()));
-    settings.relay_plaintext = true;
-    settings.shards = 2;
-    settings.max_open_tunnels_per_device = 1_000;
-    let listeners = Listeners::bind(&settings).await.unwrap();
-    Server::start(settings, Arc::new(SystemClock) as Arc<dyn Clock>, listeners)
-        .await
-        .unwrap()
-}
-
 /// Flags that point the loadtest at `srv`.
 fn relay_flags(srv: &Server) -> Vec<String> {
     strings(&[
@@ -91,7 +77,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_through_the_relay_in_both_families() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(dir.path()).await;
+    let srv = server(dir.path(), true).await;
     let base = relay_flags(&srv);
     for (family, procs) in [("aws", "1"), ("aliyun", "2")] {
         let mut args = base.clone();
@@ -152,7 +138,7 @@ fn latency_direct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_cycles_in_both_families() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(dir.path()).await;
+    let srv = server(dir.path(), true).await;
     for family in ["aws", "aliyun"] {
         let mut args = relay_flags(&srv);
         args.extend(strings(&[
@@ -197,7 +183,7 @@ async fn churn_cycles_in_both_families() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_pairs_cost_the_relay_files_and_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(dir.path()).await;
+    let srv = server(dir.path(), true).await;
     let mut args = relay_flags(&srv);
     // The relay runs in this process.
     let pid = std::process::id().to_string();
@@ -277,7 +263,7 @@ fn bad_endpoints_fail_fast_and_say_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_relay_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(dir.path()).await;
+    let srv = server(dir.path(), true).await;
     let mut args = relay_flags(&srv);
     let i = args.iter().position(|a| a == "--relay").unwrap();
     args[i + 1] = "127.0.0.1:1".into();

@@ -3,15 +3,13 @@
 //! dead endpoint fails fast.
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iotunnel::clock::{Clock, SystemClock};
-use iotunnel::config::{Secret, Settings};
-use iotunnel::server::{Listeners, Server};
 use serde_json::Value;
 
-const ADMIN_KEY: &str = "itk_loadtest-admin-key-0123456789abcdef";
+mod common;
+
+use common::{server, ADMIN_KEY};
 
 fn loadtest(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_iotunnel-loadtest"))
@@ -61,18 +59,6 @@ fn check_fields(v: &Value, mode: &str, tunnels: u64) {
     );
     assert!(0.0 < min && min <= med && med <= max, "{v}");
     assert_eq!(v["errors"].as_array().unwrap().len(), 0, "{v}");
-}
-
-async fn server(dir: &Path, plaintext: bool) -> Server {
-    let mut settings = Settings::for_tests(dir.to_path_buf());
-    settings.admin_key = Some(Secret(ADMIN_KEY.into()));
-    settings.relay_plaintext = plaintext;
-    settings.shards = 2;
-    settings.max_open_tunnels_per_device = 1_000;
-    let listeners = Listeners::bind(&settings).await.unwrap();
-    Server::start(settings, Arc::new(SystemClock) as Arc<dyn Clock>, listeners)
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
