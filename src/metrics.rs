@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::control::ControlPlane;
-use crate::relay::stats::{StatsSnapshot, DISCONNECT_REASONS, HANDSHAKE_FAILURES};
+use crate::relay::stats::{MeshDirection, StatsSnapshot, DISCONNECT_REASONS, HANDSHAKE_FAILURES};
 use crate::relay::upgrade::Refusal;
 use crate::relay::RelayScraper;
 
@@ -286,6 +286,53 @@ fn render_relay(out: &mut String, shards: &[StatsSnapshot]) {
     );
     for (i, s) in shards.iter().enumerate() {
         let _ = writeln!(out, "iotunnel_shard_tunnels{{shard=\"{i}\"}} {}", s.tunnels);
+    }
+    render_mesh(out, shards);
+}
+
+/// The fleet's mesh series (all zero on a single node).
+fn render_mesh(out: &mut String, shards: &[StatsSnapshot]) {
+    let sum = |f: &dyn Fn(&StatsSnapshot) -> u64| shards.iter().map(f).sum::<u64>();
+    header(
+        out,
+        "iotunnel_mesh_forwards_total",
+        "counter",
+        "Connections this node forwarded to a tunnel's owner node, by result.",
+    );
+    for (i, result) in ["ok", "unreachable"].iter().enumerate() {
+        let n = sum(&|s| s.mesh_forwards[i]);
+        let _ = writeln!(
+            out,
+            "iotunnel_mesh_forwards_total{{result=\"{result}\"}} {n}"
+        );
+    }
+    header(
+        out,
+        "iotunnel_mesh_connections",
+        "gauge",
+        "Forwarded connections open now (outbound: to an owner node, inbound: from another node).",
+    );
+    for d in MeshDirection::ALL {
+        let n = sum(&|s| s.mesh_connections[d as usize]);
+        let _ = writeln!(
+            out,
+            "iotunnel_mesh_connections{{direction=\"{}\"}} {n}",
+            d.as_str()
+        );
+    }
+    header(
+        out,
+        "iotunnel_mesh_bytes_total",
+        "counter",
+        "Bytes carried by forwarded connections, both ways summed, by direction.",
+    );
+    for d in MeshDirection::ALL {
+        let n = sum(&|s| s.mesh_bytes[d as usize]);
+        let _ = writeln!(
+            out,
+            "iotunnel_mesh_bytes_total{{direction=\"{}\"}} {n}",
+            d.as_str()
+        );
     }
 }
 

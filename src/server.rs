@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::control::{api, lifecycle, mqtt, ControlPlane};
-use crate::seam::{ConnectionEvent, DataPlaneSeam, TunnelIndex};
+use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, TunnelIndex};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::{tls, token};
@@ -32,6 +32,8 @@ pub struct Listeners {
     pub metrics: TcpListener,
     /// One `SO_REUSEPORT` relay listener per shard, all on one port.
     pub relay: Vec<std::net::TcpListener>,
+    /// The mesh listener (fleet mode): connections forwarded by other nodes.
+    pub mesh: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -46,6 +48,7 @@ impl Listeners {
             api: bind(settings.api_addr, "api").await?,
             metrics: bind(settings.metrics_addr, "metrics").await?,
             relay: crate::relay::bind_listeners(settings.relay_addr, settings.shards)?,
+            mesh: None,
         })
     }
 }
@@ -65,6 +68,8 @@ pub struct Server {
     pub new_admin_key: Option<String>,
     /// The data plane's ends of the seam, when the server runs without its relay.
     pub seam: Option<DataPlaneSeam>,
+    /// The other nodes' mesh addresses, shared with the relay (fleet mode).
+    pub routes: Arc<MeshRoutes>,
     relay: Option<crate::relay::RelayHandle>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -275,8 +280,10 @@ impl Server {
             .first()
             .context("no relay listener")?
             .local_addr()?;
+        let routes: Arc<MeshRoutes> = Arc::default();
         let seam = DataPlaneSeam {
             index,
+            routes: routes.clone(),
             commands: relay_rx,
             events: events_tx,
         };
@@ -287,6 +294,7 @@ impl Server {
                 seam,
                 clock,
                 listeners.relay,
+                listeners.mesh,
             )?;
             (None, Some(relay))
         } else {
@@ -308,6 +316,7 @@ impl Server {
             relay_addr,
             new_admin_key,
             seam,
+            routes,
             relay,
             shutdown,
             tasks,

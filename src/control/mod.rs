@@ -273,6 +273,7 @@ impl ControlPlane {
             t.expires_at,
             t.client_token_hash,
             t.device_token_hash,
+            None,
         );
     }
 
