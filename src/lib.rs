@@ -10,6 +10,11 @@
 //! - **Shard**: one data-plane thread, owning the tunnels whose id hashes to it.
 //! - **Hand-off**: moving an accepted relay socket to the tunnel's owner shard.
 //! - **Pump**: the loop that forwards frames between the two sides of a tunnel.
+//! - **Node**: one `iotunnel server` of a fleet sharing one database.
+//! - **Owner**: the node where both sides of an OPEN tunnel meet and are pumped (and, within it,
+//!   the owner shard).
+//! - **Mesh**: the authenticated node-to-node links over which a node that a peer reached
+//!   forwards the peer's connection to the tunnel's owner node ([`relay::mesh`]).
 //!
 //! The crate is two planes in one binary: the control plane ([`control`], [`store`]) and the
 //! data plane (the relay, which plugs into [`seam`]).
