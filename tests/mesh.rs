@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 on_both_drivers! {
     aws_v3_pairs_across_nodes;
+    plaintext_nodes_forward_too;
     aliyun_pairs_across_nodes;
     both_sides_forwarded_pair_on_the_owner;
     hostile_mesh_input_is_refused_and_counted;
@@ -51,12 +52,11 @@ struct Node {
 }
 
 impl Node {
-    async fn start(driver: IoDriver, node_id: &str, dir: &std::path::Path) -> Self {
+    async fn start(driver: IoDriver, node_id: &str, dir: &std::path::Path, plain: bool) -> Self {
         let tls = iotunnel::tls::ensure_material(dir, "localhost").unwrap();
+        let server_tls = iotunnel::relay::tls::server_config(&tls.server_cert, &tls.server_key);
         let cfg = RelayConfig {
-            tls: Some(
-                iotunnel::relay::tls::server_config(&tls.server_cert, &tls.server_key).unwrap(),
-            ),
+            tls: (!plain).then(|| server_tls.unwrap()),
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             max_frame_payload: 131_072,
@@ -94,7 +94,7 @@ impl Node {
         .unwrap();
         let peers = Relay {
             addr: relay.addr,
-            tls: Some(tls_config(&tls.ca_cert, rustls::ALL_VERSIONS)),
+            tls: (!plain).then(|| tls_config(&tls.ca_cert, rustls::ALL_VERSIONS)),
             server_name: "localhost",
             bind: None,
         };
@@ -166,11 +166,17 @@ impl Tun {
     }
 }
 
-/// Nodes "a" and "b", each routing to the other; tunnel `tun` owned by "b".
+/// Nodes "a" and "b" serving TLS, each routing to the other; tunnel `tun` owned by "b".
 async fn fleet(driver: IoDriver) -> (tempfile::TempDir, Node, Node, Tun) {
+    fleet_of(driver, false).await
+}
+
+/// Nodes "a" and "b" (plaintext relays when `plain`), each routing to the other; tunnel `tun`
+/// owned by "b".
+async fn fleet_of(driver: IoDriver, plain: bool) -> (tempfile::TempDir, Node, Node, Tun) {
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(driver, "a", dir.path()).await;
-    let b = Node::start(driver, "b", dir.path()).await;
+    let a = Node::start(driver, "a", dir.path(), plain).await;
+    let b = Node::start(driver, "b", dir.path(), plain).await;
     a.routes.set("b", b.mesh_addr);
     b.routes.set("a", a.mesh_addr);
     let tun = Tun::new();
@@ -302,6 +308,26 @@ async fn aws_v3_pairs_across_nodes(driver: IoDriver) {
         .await;
     assert!(out >= 2 * TOTAL as u64, "a carried {out} bytes out");
     assert!(inb >= 2 * TOTAL as u64, "b carried {inb} bytes in");
+}
+
+/// The same over plaintext relays (ws://): 1 MiB each way at once.
+async fn plaintext_nodes_forward_too(driver: IoDriver) {
+    const TOTAL: usize = 1 << 20;
+    let (_dir, a, b, tun) = fleet_of(driver, true).await;
+    assert!(a.peers.tls.is_none());
+    let (device, client) = aws_pair(&b, &a, &tun).await;
+    let (client_tx, client_rx) = client.ws.split();
+    let (device_tx, device_rx) = device.ws.split();
+    let (s1, s2, r1, r2) = within("2 MiB over a plaintext mesh", async {
+        tokio::join!(
+            send_bulk(client_tx, TOTAL, 1),
+            send_bulk(device_tx, TOTAL, 2),
+            receive_bulk(device_rx, TOTAL),
+            receive_bulk(client_rx, TOTAL)
+        )
+    })
+    .await;
+    assert_eq!((s1, s2), (r1, r2), "SHA-256 of both directions");
 }
 
 /// The Alibaba family across nodes: a session and data both ways.
