@@ -228,7 +228,7 @@ impl RelayHandle {
         seam: DataPlaneSeam,
         clock: Arc<dyn Clock>,
         listeners: Vec<std::net::TcpListener>,
-        mesh_listener: Option<std::net::TcpListener>,
+        mut mesh_listener: Option<std::net::TcpListener>,
     ) -> anyhow::Result<Self> {
         let addr = listeners
             .first()
@@ -244,7 +244,6 @@ impl RelayHandle {
             .as_ref()
             .map(std::net::TcpListener::local_addr)
             .transpose()?;
-        let mut mesh_listener = mesh_listener;
         let cfg = Arc::new(cfg);
         let (txs, rxs): (Vec<_>, Vec<_>) =
             listeners.iter().map(|_| mpsc::unbounded_channel()).unzip();
