@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::Arc;
 
+use common::pg::TestDatabase;
 use iotunnel::seam::{CloseReason, ConnectionEvent, ConnectionEventKind, Side};
+use iotunnel::store::postgres::PgStore;
 use iotunnel::store::sqlite::SqliteStore;
 use iotunnel::store::*;
 
@@ -573,6 +575,201 @@ async fn sqlite_meets_the_store_contract() {
     let store = SqliteStore::open(&dir.path().join("db")).unwrap();
     assert!(store.subscribe().is_none(), "one node: no bus");
     contract(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn postgres_meets_the_store_contract() {
+    let db = TestDatabase::create().await;
+    // Trust auth ignores the password; it is here to prove Debug and errors never show it.
+    let url = db.url.replace("postgres@", "postgres:hunter2@");
+    let store = PgStore::connect(&url).await.unwrap();
+    assert!(!format!("{store:?}").contains("hunter2"), "{store:?}");
+    contract(Arc::new(store)).await;
+}
+
+/// Receives the next bus event, failing the test after 10 s.
+async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<BusEvent>) -> BusEvent {
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a bus event within 10 s")
+        .expect("the subscription stays open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_nodes_starting_together_migrate_once() {
+    let db = TestDatabase::create().await;
+    let (a, b, c) = tokio::join!(
+        PgStore::connect(&db.url),
+        PgStore::connect(&db.url),
+        PgStore::connect(&db.url)
+    );
+    for store in [a, b, c] {
+        store.unwrap().list_nodes().await.unwrap();
+    }
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, (1..=versions.len() as i32).collect::<Vec<_>>());
+    assert!(!versions.is_empty());
+    // A fourth node finds nothing to do.
+    PgStore::connect(&db.url).await.unwrap();
+    let count: i64 = client
+        .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count as usize, versions.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tunnel_limit_holds_across_nodes() {
+    const LIMIT: u32 = 5;
+    let db = TestDatabase::create().await;
+    let mut nodes: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(PgStore::connect(&db.url).await.unwrap()));
+    }
+    seed(nodes[0].as_ref()).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let s = nodes[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = new_tunnel(&format!("r{i}"), "d1", i as i64);
+            t.max_open_per_device = LIMIT;
+            s.create_tunnel(t).await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(e) => assert_eq!(e, StoreError::TunnelLimit(LIMIT)),
+        }
+    }
+    assert_eq!(created, LIMIT);
+    let open = nodes[1]
+        .open_tunnels_of_device("pk".into(), "d1".into())
+        .await
+        .unwrap();
+    assert_eq!(open.len(), LIMIT as usize);
+}
+
+#[tokio::test]
+async fn postgres_bus_reaches_every_node() {
+    let db = TestDatabase::create().await;
+    let a = PgStore::connect(&db.url).await.unwrap();
+    let b = PgStore::connect(&db.url).await.unwrap();
+    let mut on_a = a.subscribe().expect("PostgreSQL has a bus");
+    let mut on_b = b.subscribe().expect("PostgreSQL has a bus");
+    assert_eq!(next_event(&mut on_a).await, BusEvent::Resynced);
+    assert_eq!(next_event(&mut on_b).await, BusEvent::Resynced);
+    a.publish("close t1".into()).await.unwrap();
+    b.publish("rotate t2".into()).await.unwrap();
+    for rx in [&mut on_a, &mut on_b] {
+        assert_eq!(next_event(rx).await, BusEvent::Message("close t1".into()));
+        assert_eq!(next_event(rx).await, BusEvent::Message("rotate t2".into()));
+    }
+}
+
+#[tokio::test]
+async fn postgres_bus_survives_a_killed_listener() {
+    let db = TestDatabase::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let mut rx = store.subscribe().unwrap();
+    assert_eq!(next_event(&mut rx).await, BusEvent::Resynced);
+    let killed: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity              WHERE datname = current_database() AND application_name = $1",
+            &[&iotunnel::store::postgres::BUS_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "one listener connection");
+    assert_eq!(next_event(&mut rx).await, BusEvent::Resynced, "reconnected");
+    store.publish("after".into()).await.unwrap();
+    assert_eq!(next_event(&mut rx).await, BusEvent::Message("after".into()));
+}
+
+#[tokio::test]
+async fn postgres_tls_modes() {
+    let db = TestDatabase::create().await;
+    let admin = db.client().await;
+    let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    let url = |params: &str| format!("{}?{params}", db.url);
+    if ssl != "on" {
+        let err = PgStore::connect(&url("sslmode=require")).await.unwrap_err();
+        assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+        return;
+    }
+    let store = PgStore::connect(&url("sslmode=require")).await.unwrap();
+    store.list_nodes().await.unwrap();
+    let encrypted: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)              WHERE a.datname = current_database() AND s.ssl AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the pooled connection is encrypted");
+    // The server's own certificate as the root (Debian's snakeoil names `localhost`).
+    let cert: String = admin
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let with_root = |mode: &str, host: &str| {
+        url(&format!("sslmode={mode}&sslrootcert={cert}")).replace("127.0.0.1", host)
+    };
+    PgStore::connect(&with_root("verify-ca", "127.0.0.1"))
+        .await
+        .expect("verify-ca ignores the host name");
+    PgStore::connect(&with_root("verify-full", "localhost"))
+        .await
+        .expect("verify-full: the chain and the name match");
+    let err = PgStore::connect(&with_root("verify-full", "127.0.0.1"))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+    let webpki = PgStore::connect(&url("sslmode=verify-full"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{webpki:#}").contains("cannot connect"),
+        "{webpki:#}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_bad_urls_fail_clearly() {
+    let err = PgStore::connect("postgres://u:hunter2@127.0.0.1:1/db?sslmode=disable")
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("cannot connect to PostgreSQL at 127.0.0.1:1/db"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+    for bad in [
+        "not a url",
+        "postgres://u:hunter2@h/db?sslmode=maybe",
+        "postgres://u:hunter2@h:notaport/db",
+        "postgres://h/db?sslrootcert=/nonexistent.pem",
+    ] {
+        let msg = format!("{:#}", PgStore::connect(bad).await.unwrap_err());
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(!msg.is_empty());
+    }
 }
 
 #[tokio::test]
