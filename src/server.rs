@@ -220,7 +220,7 @@ impl Server {
         );
         let now = clock.now_ms();
         let new_admin_key = ensure_admin(store.as_ref(), &settings, now).await?;
-        store.reset_connections(now).await?;
+        store.reset_connections(String::new(), now).await?;
 
         let index = Arc::new(TunnelIndex::new(settings.shards));
         let io_driver = settings.io_driver;

@@ -248,6 +248,7 @@ impl ControlPlane {
                 device_token_hash: token::hash_secret(&device_token),
                 device_token_seed: seed,
                 max_open_per_device: self.settings.max_open_tunnels_per_device,
+                owner_node: None,
             })
             .await
             .map_err(|e| ApiError::from_store(e, "device"))?;

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod dashboard;
 pub mod peers;
+pub mod pg;
 
 use std::sync::Arc;
 use std::time::Duration;
