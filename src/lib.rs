@@ -10,6 +10,13 @@
 //! - **Shard**: one data-plane thread, owning the tunnels whose id hashes to it.
 //! - **Hand-off**: moving an accepted relay socket to the tunnel's owner shard.
 //! - **Pump**: the loop that forwards frames between the two sides of a tunnel.
+//! - **Node**: one `iotunnel server` of a fleet; nodes share one PostgreSQL store (a single
+//!   node on SQLite is a fleet of one).
+//! - **Owner** (node): the node where a tunnel's sides meet, recorded with the tunnel; a dead
+//!   node's OPEN tunnels are re-placed on live owners.
+//! - **Lease**: a named, expiring claim in the store that lets one node at a time run a fleet-wide
+//!   job (the sweeper, re-placement).
+//! - **Bus**: messages between nodes through the store (PostgreSQL LISTEN/NOTIFY).
 //!
 //! The crate is two planes in one binary: the control plane ([`control`], [`store`]) and the
 //! data plane (the relay, which plugs into [`seam`]).
