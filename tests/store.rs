@@ -660,6 +660,68 @@ async fn postgres_tunnel_limit_holds_across_nodes() {
     assert_eq!(open.len(), LIMIT as usize);
 }
 
+/// What several nodes race for at once: one lease winner, one secret, no tunnel moved twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_fleet_races_have_one_winner() {
+    let db = TestDatabase::create().await;
+    let mut nodes: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(PgStore::connect(&db.url).await.unwrap()));
+    }
+    seed(nodes[0].as_ref()).await;
+    for i in 0..40 {
+        let mut t = new_tunnel(&format!("m{i}"), "d1", i);
+        (t.max_open_per_device, t.owner_node) = (100, Some("dead".into()));
+        nodes[0].create_tunnel(t).await.unwrap();
+    }
+    let mut leases = Vec::new();
+    let mut secrets = Vec::new();
+    let mut moves = Vec::new();
+    for (i, s) in nodes.iter().enumerate() {
+        let s = s.clone();
+        let me = format!("n{i}");
+        leases.push(tokio::spawn({
+            let (s, me) = (s.clone(), me.clone());
+            async move { s.try_lease("sweeper".into(), me, 100, 1000).await }
+        }));
+        secrets.push(tokio::spawn({
+            let s = s.clone();
+            async move { s.fleet_secret("mesh".into(), vec![i as u8; 32]).await }
+        }));
+        moves.push(tokio::spawn(async move {
+            s.reassign_tunnels("dead".into(), vec![me], 200).await
+        }));
+    }
+    let mut won = 0;
+    for l in leases {
+        won += l.await.unwrap().unwrap() as u32;
+    }
+    assert_eq!(won, 1, "one node holds the lease");
+    let mut values = Vec::new();
+    for s in secrets {
+        values.push(s.await.unwrap().unwrap());
+    }
+    assert!(
+        values.windows(2).all(|w| w[0] == w[1]),
+        "one secret for all"
+    );
+    let mut moved: Vec<String> = Vec::new();
+    for m in moves {
+        moved.extend(m.await.unwrap().unwrap().into_iter().map(|t| t.id));
+    }
+    moved.sort();
+    let before = moved.len();
+    moved.dedup();
+    assert_eq!(
+        (before, moved.len()),
+        (40, 40),
+        "every tunnel moved exactly once"
+    );
+    let owners = nodes[0].open_tunnels_by_owner().await.unwrap();
+    assert_eq!(owners.iter().map(|(_, n)| n).sum::<u64>(), 40);
+    assert!(owners.iter().all(|(n, _)| n != "dead"));
+}
+
 #[tokio::test]
 async fn postgres_bus_reaches_every_node() {
     let db = TestDatabase::create().await;
