@@ -475,6 +475,50 @@ fn render_process(out: &mut String) {
     }
 }
 
+fn render_fleet(out: &mut String, cp: &ControlPlane) {
+    let now = cp.clock.now_ms();
+    let dead_after = cp.settings.node_dead_after_ms as i64;
+    let nodes = cp.fleet.nodes();
+    let live = nodes
+        .iter()
+        .filter(|n| crate::control::fleet::is_live(n, now, dead_after))
+        .count();
+    header(
+        out,
+        "iotunnel_fleet_nodes",
+        "gauge",
+        "Nodes of the fleet as this node last read them, by state (live, dead).",
+    );
+    let _ = writeln!(out, "iotunnel_fleet_nodes{{state=\"live\"}} {live}");
+    let _ = writeln!(
+        out,
+        "iotunnel_fleet_nodes{{state=\"dead\"}} {}",
+        nodes.len() - live
+    );
+    header(
+        out,
+        "iotunnel_fleet_owned_tunnels",
+        "gauge",
+        "OPEN tunnels this node owns (both sides meet and are pumped here).",
+    );
+    let _ = writeln!(
+        out,
+        "iotunnel_fleet_owned_tunnels {}",
+        cp.index.owned_here()
+    );
+    header(
+        out,
+        "iotunnel_fleet_leader",
+        "gauge",
+        "1 while this node leads the fleet (sweeps lifecycles, re-places dead nodes' tunnels).",
+    );
+    let _ = writeln!(
+        out,
+        "iotunnel_fleet_leader {}",
+        u8::from(cp.fleet.is_leader())
+    );
+}
+
 /// Renders every metric in the Prometheus text format.
 pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> String {
     let mut out = String::new();
@@ -512,6 +556,7 @@ pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> 
         "iotunnel_device_channels_connected {}",
         cp.channels.connected()
     );
+    render_fleet(&mut out, cp);
     render_relay(&mut out, shards);
     render_per_tunnel(&mut out, shards, cp.settings.metrics_per_tunnel);
     render_api(&mut out, api);

@@ -173,9 +173,31 @@ impl TunnelIndex {
         device_hash: SecretHash,
         owner_node: Option<&str>,
     ) {
+        let current = self.by_tunnel.get(tunnel_id).map(|o| *o);
+        if let Some(cur) = current {
+            let owner_now = self
+                .by_token
+                .get(&cur.hashes[0])
+                .and_then(|m| m.tunnel.owner_node.clone());
+            if cur.hashes == [client_hash, device_hash] && owner_now.as_deref() == owner_node {
+                // Already indexed as is (a fleet resync): keep its shard and family lock.
+                return;
+            }
+        }
+        // A local tunnel that stays local keeps its shard: its peers may be pumped there now.
+        let keep_shard = current
+            .filter(|c| c.placed && owner_node.is_none())
+            .map(|c| c.shard);
         self.remove(tunnel_id);
         let placed = owner_node.is_none();
-        let shard = if placed { self.place() } else { 0 };
+        let shard = match keep_shard {
+            Some(s) => {
+                self.load[s].fetch_add(1, Ordering::Relaxed);
+                s
+            }
+            None if placed => self.place(),
+            None => 0,
+        };
         let tunnel = Arc::new(IndexedTunnel {
             tunnel_id: Arc::from(tunnel_id),
             services: services.to_vec().into(),
@@ -252,6 +274,21 @@ impl TunnelIndex {
         self.by_token.get(token_hash).map(|m| m.clone())
     }
 
+    /// The OPEN tunnels this node owns (pumped on its shards).
+    pub fn owned_here(&self) -> usize {
+        self.load.iter().map(|l| l.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Whether `tunnel_id` is OPEN and owned by this node.
+    pub fn is_owned_here(&self, tunnel_id: &str) -> bool {
+        self.by_tunnel.get(tunnel_id).is_some_and(|o| o.placed)
+    }
+
+    /// The ids of every indexed (OPEN) tunnel.
+    pub fn open_ids(&self) -> Vec<Arc<str>> {
+        self.by_tunnel.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// The number of indexed tunnels.
     pub fn len(&self) -> usize {
         self.by_tunnel.len()
@@ -299,6 +336,12 @@ pub enum RelayCommand {
         tunnel_id: String,
         /// Why.
         reason: CloseReason,
+    },
+    /// The tunnel moved to another node: end both sides with 1001 so they reconnect and reach
+    /// the new owner (nothing is closed).
+    Evict {
+        /// The tunnel.
+        tunnel_id: String,
     },
     /// A side's token was rotated: drop that side's connection.
     DisconnectSide {

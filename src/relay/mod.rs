@@ -286,6 +286,13 @@ impl RelayHandle {
                 let tunnel_id = match &cmd {
                     RelayCommand::CloseTunnel { tunnel_id, .. }
                     | RelayCommand::DisconnectSide { tunnel_id, .. } => tunnel_id,
+                    // The index already names the new owner: whichever shard pumped it ends it.
+                    RelayCommand::Evict { .. } => {
+                        for inbox in router_inboxes.iter() {
+                            let _ = inbox.send(ShardMsg::Command(cmd.clone()));
+                        }
+                        continue;
+                    }
                 };
                 match index.owner_shard(tunnel_id) {
                     Some(shard) => {

@@ -421,6 +421,18 @@ impl Shard {
                     }
                 }
             }
+            RelayCommand::Evict { tunnel_id } => {
+                let slot = self.tunnels.borrow().get(tunnel_id.as_str()).cloned();
+                if let Some(slot) = slot {
+                    for p in slot.peers.iter().filter_map(|p| p.borrow().clone()) {
+                        p.end(
+                            close_code::GOING_AWAY,
+                            "tunnel moved to another relay node",
+                            "moved",
+                        );
+                    }
+                }
+            }
             RelayCommand::DisconnectSide { tunnel_id, side } => {
                 let slot = self.tunnels.borrow().get(tunnel_id.as_str()).cloned();
                 if let Some(p) = slot.and_then(|s| s.peers[slot_of(side)].borrow().clone()) {

@@ -22,6 +22,7 @@ pub const DISCONNECT_REASONS: &[&str] = &[
     "write_failed",
     "tls_error",
     "shutdown",
+    "moved",
 ];
 
 /// Every reason a handshake fails besides the refusals of [`super::upgrade::Refusal`]
