@@ -100,6 +100,18 @@ impl TestServer {
         public_port: Option<u16>,
         tweak: impl FnOnce(&mut Settings),
     ) -> Self {
+        let clock = ManualClock::new(iotunnel::clock::SystemClock.now_ms());
+        Self::start_dialable_at(dir, public_port, clock, tweak).await
+    }
+
+    /// [`TestServer::start_dialable`] on a given clock (nodes of a fleet share one, so that
+    /// heartbeats compare).
+    pub async fn start_dialable_at(
+        dir: Arc<tempfile::TempDir>,
+        public_port: Option<u16>,
+        clock: ManualClock,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
         let mut settings = Settings::for_tests(dir.path().to_path_buf());
         settings.admin_key = Some(Secret(ADMIN_KEY.into()));
         tweak(&mut settings);
@@ -109,7 +121,6 @@ impl TestServer {
             host: "localhost".into(),
             port: public_port.unwrap_or(relay_port),
         };
-        let clock = ManualClock::new(iotunnel::clock::SystemClock.now_ms());
         Self::finish(dir, clock, settings, listeners).await
     }
 
