@@ -5,6 +5,8 @@
 pub mod agent;
 pub mod dashboard;
 pub mod peers;
+pub mod pg;
+pub mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
