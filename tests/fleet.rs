@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::{echo_server, hash_service, hash_through, pattern};
 use common::peers::{within, within_for};
-use common::pg::{self, TestDatabase};
+use common::pg::TestDatabase;
 use common::process::{
     bin, call, cli_json, device_account, wait_online, DeviceAccount, Proc, ServerCmd, DEADLINE,
 };
@@ -77,7 +77,7 @@ impl Fleet {
     /// `n` nodes' commands (none started), each with `extra` flags.
     async fn new(n: usize, extra: &[(&str, &str)]) -> Self {
         let turn = SERIAL.lock().await;
-        let db = pg::create().await;
+        let db = TestDatabase::create().await;
         let tmp = tempfile::tempdir().unwrap();
         let cmds = (1..=n)
             .map(|i| {

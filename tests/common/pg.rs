@@ -21,23 +21,25 @@ fn psql(sql: &str) -> std::process::Output {
         })
 }
 
-/// Creates a fresh, empty database.
-pub async fn create() -> TestDatabase {
-    let name = format!("iotunnel_test_{}", hex::encode(rand::random::<[u8; 8]>()));
-    let out = tokio::task::spawn_blocking({
-        let sql = format!("CREATE DATABASE {name}");
-        move || psql(&sql)
-    })
-    .await
-    .unwrap();
-    assert!(
+impl TestDatabase {
+    /// Creates a fresh, empty database.
+    pub async fn create() -> TestDatabase {
+        let name = format!("iotunnel_test_{}", hex::encode(rand::random::<[u8; 8]>()));
+        let out = tokio::task::spawn_blocking({
+            let sql = format!("CREATE DATABASE {name}");
+            move || psql(&sql)
+        })
+        .await
+        .unwrap();
+        assert!(
         out.status.success(),
         "cannot create a database on {SERVER} (is PostgreSQL running, with trust auth for 127.0.0.1?): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    TestDatabase {
-        url: format!("{SERVER}/{name}"),
-        name,
+        TestDatabase {
+            url: format!("{SERVER}/{name}"),
+            name,
+        }
     }
 }
 
