@@ -415,6 +415,7 @@ async fn three_nodes_one_api() {
         .expect("node list --json prints the nodes");
     assert_eq!(live(nodes).len(), 3, "{listed}");
     let mut ids: Vec<&str> = nodes.iter().map(|n| s(n, "node_id")).collect();
+    ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 3, "three node ids: {listed}");
     for i in 0..3 {
