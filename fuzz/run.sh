@@ -13,7 +13,7 @@ seconds="${1:-${FUZZ_SECONDS:-60}}"
 shift || true
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(ws_frame aws_stream aliyun_frame)
+    targets=(ws_frame aws_stream aliyun_frame mesh_preamble)
 fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (control plane, relay, metrics) with embedded defaults.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Manage accounts (admin key only).
     #[command(subcommand)]
     Account(AccountCmd),
@@ -33,6 +33,20 @@ pub enum Command {
     /// Manage tunnels.
     #[command(subcommand)]
     Tunnel(TunnelCmd),
+    /// Inspect the nodes of the fleet (admin key only).
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+/// `iotunnel node ...`
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List every node: live or dead, its relay, tunnels and device channels.
+    List {
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
 }
 
 /// How to reach the API.
@@ -477,6 +491,24 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                     ("PRODUCT KEY", "/product_key"),
                     ("NAME", "/name"),
                     ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        Command::Node(NodeCmd::List { api }) => {
+            let c = ApiClient::new(api)?;
+            let v = c.call(Method::GET, "/v1/nodes", None).await?;
+            let rows = v["nodes"].as_array().cloned().unwrap_or_default();
+            c.print(
+                &v,
+                &rows,
+                &[
+                    ("NODE ID", "/node_id"),
+                    ("STATE", "/state"),
+                    ("RELAY URL", "/relay_url"),
+                    ("TUNNELS", "/open_tunnels"),
+                    ("DEVICES", "/device_channels"),
+                    ("HEARTBEAT", "/heartbeat_at"),
+                    ("VERSION", "/version"),
                 ],
             );
         }

@@ -35,6 +35,12 @@ pub const DEFAULT_PEER_PING_INTERVAL_MS: u64 = 20_000;
 /// Handshakes in progress per IP: enough for a NATed site, too few to starve others.
 pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 64;
 
+/// A fleet node heartbeats every second (issue 11).
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// A node is dead after 5 s without a heartbeat (issue 11): five missed beats, so one slow
+/// database round trip never kills a node.
+pub const DEFAULT_NODE_DEAD_AFTER_MS: u64 = 5_000;
+
 /// Default AWS thing name of a device in MQTT notifications (issue 4).
 pub const DEFAULT_MQTT_THING_TEMPLATE: &str = "{product_key}_{device_name}";
 
@@ -183,6 +189,27 @@ pub struct Knobs {
     /// [default: on].
     #[arg(long, env = "IOTUNNEL_RELAY_METRICS", value_parser = clap::builder::BoolishValueParser::new())]
     pub relay_metrics: Option<bool>,
+    /// PostgreSQL URL (`postgres://user@host/db?sslmode=require&sslrootcert=ca.pem`): run as
+    /// a node of a fleet sharing that database [default: SQLite in the data dir, one node].
+    #[arg(long, env = "IOTUNNEL_DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub database_url: Option<Secret>,
+    /// This node's id [default: generated once and kept in {data-dir}/node.id].
+    #[arg(long, env = "IOTUNNEL_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Mesh listener address: other nodes forward peers of this node's tunnels here
+    /// [default: off].
+    #[arg(long, env = "IOTUNNEL_MESH_ADDR")]
+    pub mesh_addr: Option<SocketAddr>,
+    /// The mesh address other nodes dial, when it differs from --mesh-addr (NAT, 0.0.0.0)
+    /// [default: --mesh-addr, with the public relay host for an unspecified IP].
+    #[arg(long, env = "IOTUNNEL_PUBLIC_MESH_ADDR")]
+    pub public_mesh_addr: Option<String>,
+    /// Fleet heartbeat interval, ms [default: 1000].
+    #[arg(long, env = "IOTUNNEL_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// A node without a heartbeat for this long is dead, ms [default: 5000].
+    #[arg(long, env = "IOTUNNEL_NODE_DEAD_AFTER_MS")]
+    pub node_dead_after_ms: Option<u64>,
 }
 
 /// Parses a secret flag value.
@@ -226,7 +253,13 @@ impl Knobs {
             log_format,
             metrics_per_tunnel,
             metrics_per_tunnel_max,
-            relay_metrics
+            relay_metrics,
+            database_url,
+            node_id,
+            mesh_addr,
+            public_mesh_addr,
+            heartbeat_interval_ms,
+            node_dead_after_ms
         )
     }
 }
@@ -484,6 +517,18 @@ pub struct Settings {
     pub relay_metrics: bool,
     /// MQTT notifications and presence, when `--mqtt-url` is set.
     pub mqtt: Option<MqttSettings>,
+    /// PostgreSQL URL of the fleet's database (None: SQLite in the data dir).
+    pub database_url: Option<Secret>,
+    /// This node's id (None: the one kept in the data dir, generated on first start).
+    pub node_id: Option<String>,
+    /// Mesh listener address (None: no mesh listener).
+    pub mesh_addr: Option<SocketAddr>,
+    /// The mesh `host:port` other nodes dial.
+    pub public_mesh_addr: Option<String>,
+    /// Fleet heartbeat interval, ms.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a node is dead, ms.
+    pub node_dead_after_ms: u64,
 }
 
 impl Settings {
@@ -530,6 +575,7 @@ impl Settings {
             k.mqtt_thing_template,
         )?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let public_relay_host = public_relay.host.clone();
         let settings = Self {
             data_dir: k
                 .data_dir
@@ -583,6 +629,22 @@ impl Settings {
             },
             relay_metrics: k.relay_metrics.unwrap_or(true),
             mqtt,
+            database_url: k.database_url,
+            node_id: k.node_id,
+            public_mesh_addr: k.public_mesh_addr.or_else(|| {
+                k.mesh_addr.map(|a| {
+                    if a.ip().is_unspecified() {
+                        host_port(&public_relay_host, a.port())
+                    } else {
+                        a.to_string()
+                    }
+                })
+            }),
+            mesh_addr: k.mesh_addr,
+            heartbeat_interval_ms: k
+                .heartbeat_interval_ms
+                .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS),
+            node_dead_after_ms: k.node_dead_after_ms.unwrap_or(DEFAULT_NODE_DEAD_AFTER_MS),
         };
         settings.validate()?;
         Ok(settings)
@@ -632,6 +694,27 @@ impl Settings {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("--tls-cert and --tls-key go together");
+        }
+        if self.heartbeat_interval_ms < 10 {
+            bail!("heartbeat_interval_ms must be at least 10");
+        }
+        if self.node_dead_after_ms < 2 * self.heartbeat_interval_ms {
+            bail!("node_dead_after_ms must be at least twice heartbeat_interval_ms");
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://")) {
+                bail!("database_url must be a postgres:// or postgresql:// URL");
+            }
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                bail!("node_id must be 1-64 characters of letters, digits, '-', '_' and '.'");
+            }
         }
         if let Some(key) = &self.admin_key {
             if key.0.len() < 16 {

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::control::ControlPlane;
-use crate::relay::stats::{StatsSnapshot, DISCONNECT_REASONS, HANDSHAKE_FAILURES};
+use crate::relay::stats::{MeshDirection, StatsSnapshot, DISCONNECT_REASONS, HANDSHAKE_FAILURES};
 use crate::relay::upgrade::Refusal;
 use crate::relay::RelayScraper;
 
@@ -287,6 +287,53 @@ fn render_relay(out: &mut String, shards: &[StatsSnapshot]) {
     for (i, s) in shards.iter().enumerate() {
         let _ = writeln!(out, "iotunnel_shard_tunnels{{shard=\"{i}\"}} {}", s.tunnels);
     }
+    render_mesh(out, shards);
+}
+
+/// The fleet's mesh series (all zero on a single node).
+fn render_mesh(out: &mut String, shards: &[StatsSnapshot]) {
+    let sum = |f: &dyn Fn(&StatsSnapshot) -> u64| shards.iter().map(f).sum::<u64>();
+    header(
+        out,
+        "iotunnel_mesh_forwards_total",
+        "counter",
+        "Connections this node forwarded to a tunnel's owner node, by result.",
+    );
+    for (i, result) in ["ok", "unreachable"].iter().enumerate() {
+        let n = sum(&|s| s.mesh_forwards[i]);
+        let _ = writeln!(
+            out,
+            "iotunnel_mesh_forwards_total{{result=\"{result}\"}} {n}"
+        );
+    }
+    header(
+        out,
+        "iotunnel_mesh_connections",
+        "gauge",
+        "Forwarded connections open now (outbound: to an owner node, inbound: from another node).",
+    );
+    for d in MeshDirection::ALL {
+        let n = sum(&|s| s.mesh_connections[d as usize]);
+        let _ = writeln!(
+            out,
+            "iotunnel_mesh_connections{{direction=\"{}\"}} {n}",
+            d.as_str()
+        );
+    }
+    header(
+        out,
+        "iotunnel_mesh_bytes_total",
+        "counter",
+        "Bytes carried by forwarded connections, both ways summed, by direction.",
+    );
+    for d in MeshDirection::ALL {
+        let n = sum(&|s| s.mesh_bytes[d as usize]);
+        let _ = writeln!(
+            out,
+            "iotunnel_mesh_bytes_total{{direction=\"{}\"}} {n}",
+            d.as_str()
+        );
+    }
 }
 
 /// The optional per-tunnel series (`--metrics-per-tunnel`), for at most `max` tunnels.
@@ -428,6 +475,50 @@ fn render_process(out: &mut String) {
     }
 }
 
+fn render_fleet(out: &mut String, cp: &ControlPlane) {
+    let now = cp.clock.now_ms();
+    let dead_after = cp.settings.node_dead_after_ms as i64;
+    let nodes = cp.fleet.nodes();
+    let live = nodes
+        .iter()
+        .filter(|n| crate::control::fleet::is_live(n, now, dead_after))
+        .count();
+    header(
+        out,
+        "iotunnel_fleet_nodes",
+        "gauge",
+        "Nodes of the fleet as this node last read them, by state (live, dead).",
+    );
+    let _ = writeln!(out, "iotunnel_fleet_nodes{{state=\"live\"}} {live}");
+    let _ = writeln!(
+        out,
+        "iotunnel_fleet_nodes{{state=\"dead\"}} {}",
+        nodes.len() - live
+    );
+    header(
+        out,
+        "iotunnel_fleet_owned_tunnels",
+        "gauge",
+        "OPEN tunnels this node owns (both sides meet and are pumped here).",
+    );
+    let _ = writeln!(
+        out,
+        "iotunnel_fleet_owned_tunnels {}",
+        cp.index.owned_here()
+    );
+    header(
+        out,
+        "iotunnel_fleet_leader",
+        "gauge",
+        "1 while this node leads the fleet (sweeps lifecycles, re-places dead nodes' tunnels).",
+    );
+    let _ = writeln!(
+        out,
+        "iotunnel_fleet_leader {}",
+        u8::from(cp.fleet.is_leader())
+    );
+}
+
 /// Renders every metric in the Prometheus text format.
 pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> String {
     let mut out = String::new();
@@ -465,6 +556,7 @@ pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> 
         "iotunnel_device_channels_connected {}",
         cp.channels.connected()
     );
+    render_fleet(&mut out, cp);
     render_relay(&mut out, shards);
     render_per_tunnel(&mut out, shards, cp.settings.metrics_per_tunnel);
     render_api(&mut out, api);

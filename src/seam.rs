@@ -9,6 +9,9 @@
 //!   whose token was rotated). The relay routes each to the tunnel's owner shard.
 //! - [`ConnectionEvent`]s flow back (connected, disconnected with a reason, ping RTT). The control
 //!   plane persists them in batches, so describe shows CONNECTED/DISCONNECTED with times.
+//! - [`MeshRoutes`]: in a fleet, where each other node's mesh listener is, so a connection for a
+//!   tunnel owned elsewhere can be forwarded to its owner node.
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -86,10 +89,13 @@ pub struct IndexedTunnel {
     pub services: Arc<[String]>,
     /// When the tunnel expires, ms since the epoch.
     pub expires_at: Millis,
-    /// The shard that owns the tunnel.
+    /// The shard that owns the tunnel (meaningless when another node owns it).
     pub owner_shard: usize,
     /// The family both sides must speak.
     pub family: FamilyLock,
+    /// The node that owns the tunnel: `None` is this node (pumped here); `Some(node_id)` means
+    /// its connections are forwarded to that node over the mesh.
+    pub owner_node: Option<Arc<str>>,
 }
 
 /// A successful token lookup.
@@ -120,6 +126,8 @@ pub struct TunnelIndex {
 struct Owned {
     hashes: [SecretHash; 2],
     shard: usize,
+    /// Whether the tunnel holds a place in `load` (owned by this node).
+    placed: bool,
 }
 
 impl TunnelIndex {
@@ -154,7 +162,8 @@ impl TunnelIndex {
         shard
     }
 
-    /// Adds (or replaces) an OPEN tunnel with its two token hashes.
+    /// Adds (or replaces) an OPEN tunnel with its two token hashes. `owner_node` is `None` when
+    /// this node owns the tunnel; a tunnel owned by another node takes no shard place here.
     pub fn insert(
         &self,
         tunnel_id: &str,
@@ -162,15 +171,40 @@ impl TunnelIndex {
         expires_at: Millis,
         client_hash: SecretHash,
         device_hash: SecretHash,
+        owner_node: Option<&str>,
     ) {
+        let current = self.by_tunnel.get(tunnel_id).map(|o| *o);
+        if let Some(cur) = current {
+            let owner_now = self
+                .by_token
+                .get(&cur.hashes[0])
+                .and_then(|m| m.tunnel.owner_node.clone());
+            if cur.hashes == [client_hash, device_hash] && owner_now.as_deref() == owner_node {
+                // Already indexed as is (a fleet resync): keep its shard and family lock.
+                return;
+            }
+        }
+        // A local tunnel that stays local keeps its shard: its peers may be pumped there now.
+        let keep_shard = current
+            .filter(|c| c.placed && owner_node.is_none())
+            .map(|c| c.shard);
         self.remove(tunnel_id);
-        let shard = self.place();
+        let placed = owner_node.is_none();
+        let shard = match keep_shard {
+            Some(s) => {
+                self.load[s].fetch_add(1, Ordering::Relaxed);
+                s
+            }
+            None if placed => self.place(),
+            None => 0,
+        };
         let tunnel = Arc::new(IndexedTunnel {
             tunnel_id: Arc::from(tunnel_id),
             services: services.to_vec().into(),
             expires_at,
             owner_shard: shard,
             family: FamilyLock::default(),
+            owner_node: owner_node.map(Arc::from),
         });
         for (hash, side) in [(client_hash, Side::Client), (device_hash, Side::Device)] {
             self.by_token.insert(
@@ -184,6 +218,7 @@ impl TunnelIndex {
         let owned = Owned {
             hashes: [client_hash, device_hash],
             shard,
+            placed,
         };
         self.by_tunnel.insert(tunnel.tunnel_id.clone(), owned);
     }
@@ -208,7 +243,9 @@ impl TunnelIndex {
     /// Marks a tunnel closed: its tokens stop matching at once, and are known as closed.
     pub fn close(&self, tunnel_id: &str) {
         if let Some((id, owned)) = self.by_tunnel.remove(tunnel_id) {
-            self.load[owned.shard].fetch_sub(1, Ordering::Relaxed);
+            if owned.placed {
+                self.load[owned.shard].fetch_sub(1, Ordering::Relaxed);
+            }
             for h in owned.hashes {
                 self.by_token.remove(&h);
                 self.closed_tokens.insert(h, ());
@@ -235,6 +272,21 @@ impl TunnelIndex {
     /// Looks up a presented token (hashed by the caller with [`crate::token::hash_secret`]).
     pub fn lookup(&self, token_hash: &SecretHash) -> Option<TokenMatch> {
         self.by_token.get(token_hash).map(|m| m.clone())
+    }
+
+    /// The OPEN tunnels this node owns (pumped on its shards).
+    pub fn owned_here(&self) -> usize {
+        self.load.iter().map(|l| l.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Whether `tunnel_id` is OPEN and owned by this node.
+    pub fn is_owned_here(&self, tunnel_id: &str) -> bool {
+        self.by_tunnel.get(tunnel_id).is_some_and(|o| o.placed)
+    }
+
+    /// The ids of every indexed (OPEN) tunnel.
+    pub fn open_ids(&self) -> Vec<Arc<str>> {
+        self.by_tunnel.iter().map(|e| e.key().clone()).collect()
     }
 
     /// The number of indexed tunnels.
@@ -284,6 +336,12 @@ pub enum RelayCommand {
         tunnel_id: String,
         /// Why.
         reason: CloseReason,
+    },
+    /// The tunnel moved to another node: end both sides with 1001 so they reconnect and reach
+    /// the new owner (nothing is closed).
+    Evict {
+        /// The tunnel.
+        tunnel_id: String,
     },
     /// A side's token was rotated: drop that side's connection.
     DisconnectSide {
@@ -336,11 +394,37 @@ pub struct ConnectionEvent {
     pub kind: ConnectionEventKind,
 }
 
+/// Where each other node of the fleet listens for mesh connections (node id -> address); the
+/// control plane keeps it current from the nodes table.
+#[derive(Debug, Default)]
+pub struct MeshRoutes {
+    routes: DashMap<String, SocketAddr>,
+}
+
+impl MeshRoutes {
+    /// Sets (or replaces) the mesh address of `node_id`.
+    pub fn set(&self, node_id: &str, addr: SocketAddr) {
+        self.routes.insert(node_id.to_string(), addr);
+    }
+
+    /// Forgets `node_id` (gone from the fleet).
+    pub fn remove(&self, node_id: &str) {
+        self.routes.remove(node_id);
+    }
+
+    /// The mesh address of `node_id`, if known.
+    pub fn get(&self, node_id: &str) -> Option<SocketAddr> {
+        self.routes.get(node_id).map(|a| *a)
+    }
+}
+
 /// The control plane's ends of the seam, handed to the data plane at start.
 #[derive(Debug)]
 pub struct DataPlaneSeam {
     /// The token index, shared.
     pub index: Arc<TunnelIndex>,
+    /// The other nodes' mesh addresses, shared.
+    pub routes: Arc<MeshRoutes>,
     /// Commands to execute.
     pub commands: mpsc::UnboundedReceiver<RelayCommand>,
     /// Where to send connection events.
@@ -354,7 +438,7 @@ mod tests {
     #[test]
     fn index_tracks_create_rotate_remove() {
         let idx = TunnelIndex::new(4);
-        idx.insert("t1", &["SSH".into()], 0, [1; 32], [2; 32]);
+        idx.insert("t1", &["SSH".into()], 0, [1; 32], [2; 32], None);
         assert_eq!(idx.lookup(&[1; 32]).unwrap().side, Side::Client);
         assert_eq!(idx.lookup(&[2; 32]).unwrap().side, Side::Device);
         assert!(idx.rotate("t1", Side::Device, [3; 32]));
@@ -379,7 +463,7 @@ mod tests {
     #[test]
     fn tunnels_go_to_the_least_loaded_shard() {
         let idx = TunnelIndex::new(2);
-        let open = |i: u8| idx.insert(&format!("t{i}"), &[], 0, [i; 32], [100 + i; 32]);
+        let open = |i: u8| idx.insert(&format!("t{i}"), &[], 0, [i; 32], [100 + i; 32], None);
         (0..8).for_each(open);
         let on = |shard| {
             (0..8)
@@ -398,5 +482,32 @@ mod tests {
         idx.remove("t0");
         assert_eq!(idx.owner_shard("t0"), None);
         assert_eq!(idx.lookup(&[9; 32]).unwrap().tunnel.owner_shard, 0);
+    }
+
+    #[test]
+    fn remote_owned_tunnels_take_no_shard_place() {
+        let idx = TunnelIndex::new(2);
+        idx.insert("r1", &[], 0, [1; 32], [2; 32], Some("b"));
+        idx.insert("r2", &[], 0, [3; 32], [4; 32], Some("b"));
+        let found = idx.lookup(&[1; 32]).unwrap();
+        assert_eq!(found.tunnel.owner_node.as_deref(), Some("b"));
+        // Closing a remote tunnel frees no place it never took...
+        idx.close("r1");
+        idx.remove("r2");
+        // ...so two local tunnels still spread over both shards.
+        idx.insert("l1", &[], 0, [5; 32], [6; 32], None);
+        idx.insert("l2", &[], 0, [7; 32], [8; 32], None);
+        assert_ne!(idx.owner_shard("l1"), idx.owner_shard("l2"));
+        assert!(idx.lookup(&[5; 32]).unwrap().tunnel.owner_node.is_none());
+    }
+
+    #[test]
+    fn mesh_routes_set_get_remove() {
+        let routes = MeshRoutes::default();
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        routes.set("b", addr);
+        assert_eq!(routes.get("b"), Some(addr));
+        routes.remove("b");
+        assert_eq!(routes.get("b"), None);
     }
 }

@@ -11,10 +11,12 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::control::fleet::{self, Fleet};
 use crate::control::{api, lifecycle, mqtt, ControlPlane};
-use crate::seam::{ConnectionEvent, DataPlaneSeam, TunnelIndex};
+use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, TunnelIndex};
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
+use crate::store::{NodeRecord, Store, StoreError};
 use crate::{tls, token};
 
 /// Connection events buffered between the data plane and the persister; beyond this the relay
@@ -32,6 +34,8 @@ pub struct Listeners {
     pub metrics: TcpListener,
     /// One `SO_REUSEPORT` relay listener per shard, all on one port.
     pub relay: Vec<std::net::TcpListener>,
+    /// The mesh listener (fleet mode): connections forwarded by other nodes.
+    pub mesh: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -46,6 +50,14 @@ impl Listeners {
             api: bind(settings.api_addr, "api").await?,
             metrics: bind(settings.metrics_addr, "metrics").await?,
             relay: crate::relay::bind_listeners(settings.relay_addr, settings.shards)?,
+            mesh: match settings.mesh_addr {
+                Some(addr) => Some(
+                    std::net::TcpListener::bind(addr)
+                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                        .with_context(|| format!("cannot listen on mesh address {addr}"))?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -65,6 +77,8 @@ pub struct Server {
     pub new_admin_key: Option<String>,
     /// The data plane's ends of the seam, when the server runs without its relay.
     pub seam: Option<DataPlaneSeam>,
+    /// The other nodes' mesh addresses, shared with the relay (fleet mode).
+    pub routes: Arc<MeshRoutes>,
     relay: Option<crate::relay::RelayHandle>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -90,6 +104,43 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
         )
     })?;
     Ok(lock)
+}
+
+/// This node's id: generated on first start and kept in the data dir, so a restarted node
+/// rejoins as itself.
+fn load_node_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("node.id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let id = text.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let id = format!("node-{}", token::random_alnum(10).to_lowercase());
+    tls::write_atomic(&path, &id, 0o644)?;
+    Ok(id)
+}
+
+/// A 32-byte fleet-wide secret: created by the first node, read by the others.
+async fn fleet_key(store: &dyn Store, name: &str) -> anyhow::Result<[u8; 32]> {
+    let proposed = token::random_bytes::<32>().to_vec();
+    let stored = store.fleet_secret(name.into(), proposed).await?;
+    <[u8; 32]>::try_from(stored).map_err(|_| anyhow::anyhow!("fleet secret {name} is corrupt"))
+}
+
+/// Installs the fleet's relay CA into the data dir (the first node creates it), so every
+/// node's relay certificate chains to the one `ca.pem` clients trust.
+async fn install_fleet_ca(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ca {
+        cert: String,
+        key: String,
+    }
+    let (cert, key) = tls::new_ca()?;
+    let proposed = serde_json::to_vec(&Ca { cert, key })?;
+    let stored = store.fleet_secret("tls_ca".into(), proposed).await?;
+    let ca: Ca = serde_json::from_slice(&stored).context("fleet secret tls_ca is corrupt")?;
+    tls::install_ca(data_dir, &ca.cert, &ca.key)
 }
 
 /// The key device tokens are derived from, created on first start.
@@ -127,7 +178,7 @@ async fn ensure_admin(
             let key = given
                 .clone()
                 .unwrap_or_else(|| format!("itk_{}", token::random_secret()));
-            store
+            let created = store
                 .create_account(
                     "acc_admin".into(),
                     "admin".into(),
@@ -135,8 +186,20 @@ async fn ensure_admin(
                     token::hash_secret(&key),
                     now,
                 )
-                .await?;
-            Ok(if given.is_none() { Some(key) } else { None })
+                .await;
+            match created {
+                Ok(_) => Ok(if given.is_none() { Some(key) } else { None }),
+                // Another node of the fleet created it first: the given key joins it.
+                Err(StoreError::AlreadyExists) => {
+                    if let Some(key) = &given {
+                        store
+                            .add_api_key("acc_admin".into(), token::hash_secret(key), now)
+                            .await?;
+                    }
+                    Ok(None)
+                }
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }
@@ -193,29 +256,99 @@ impl Server {
     }
 
     async fn start_inner(
-        settings: Settings,
+        mut settings: Settings,
         clock: Arc<dyn Clock>,
         listeners: Listeners,
         with_relay: bool,
     ) -> anyhow::Result<Self> {
         let data_dir_lock = prepare_data_dir(&settings.data_dir)?;
+        if settings.public_relay.port == 0 {
+            // No public URL and the relay on port 0 (tests, scripts): name the bound port.
+            if let Some(l) = listeners.relay.first() {
+                settings.public_relay.port = l.local_addr()?.port();
+            }
+        }
+        let node_id = match &settings.node_id {
+            Some(id) => id.clone(),
+            None => load_node_id(&settings.data_dir)?,
+        };
+        let shared = settings.database_url.is_some();
+        let store: Arc<dyn Store> = match &settings.database_url {
+            Some(url) => Arc::new(
+                PgStore::connect(&url.0)
+                    .await
+                    .context("cannot open the fleet's PostgreSQL database")?,
+            ),
+            None => {
+                let db = settings.data_dir.join("iotunnel.db");
+                Arc::new(
+                    SqliteStore::open(&db)
+                        .with_context(|| format!("cannot open database {}", db.display()))?,
+                )
+            }
+        };
+        // Fleet-wide secrets live in the shared database: a token or certificate from one node
+        // is valid on all. A single node keeps its token key in the data dir, as it always did.
+        let token_key = if shared {
+            fleet_key(store.as_ref(), "token_key").await?
+        } else {
+            load_token_key(&settings.data_dir)?
+        };
+        let mesh_key = fleet_key(store.as_ref(), "mesh_key").await?;
+        if shared && settings.tls_cert.is_none() {
+            install_fleet_ca(store.as_ref(), &settings.data_dir)
+                .await
+                .context("cannot install the fleet's TLS CA")?;
+        }
         let tls_paths = tls::ensure_material(&settings.data_dir, &settings.public_relay.host)
             .context("cannot prepare TLS material")?;
-        let relay_cfg = crate::relay::RelayConfig::from_settings(
+        let mut relay_cfg = crate::relay::RelayConfig::from_settings(
             &settings,
             &tls_paths.server_cert,
             &tls_paths.server_key,
         )
         .context("cannot load the relay's TLS certificate")?;
-        let token_key = load_token_key(&settings.data_dir)?;
-        let db = settings.data_dir.join("iotunnel.db");
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&db)
-                .with_context(|| format!("cannot open database {}", db.display()))?,
-        );
+        relay_cfg.mesh = Some(crate::relay::MeshConfig {
+            node_id: node_id.clone(),
+            key: mesh_key,
+        });
         let now = clock.now_ms();
         let new_admin_key = ensure_admin(store.as_ref(), &settings, now).await?;
-        store.reset_connections(now).await?;
+        store.reset_connections(node_id.clone(), now).await?;
+        store.clear_device_channels_of_node(node_id.clone()).await?;
+        if !shared {
+            // A fleet of one owns every tunnel, whatever node id wrote it.
+            for (owner, _) in store.open_tunnels_by_owner().await? {
+                if owner != node_id {
+                    store
+                        .reassign_tunnels(owner, vec![node_id.clone()], now)
+                        .await?;
+                }
+            }
+        }
+        let mesh_addr = match (&listeners.mesh, &settings.public_mesh_addr) {
+            (Some(l), Some(public)) => Some(advertised(public, l.local_addr()?.port())),
+            _ => None,
+        };
+        let me = NodeRecord {
+            node_id: node_id.clone(),
+            relay_url: format!(
+                "{}://{}",
+                settings.public_relay_scheme,
+                settings.public_relay.host_port()
+            ),
+            api_url: format!("http://{}", listeners.api.local_addr()?),
+            mesh_addr,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: now,
+            heartbeat_at: now,
+            shards: settings.shards as u32,
+            open_tunnels: 0,
+            device_channels: 0,
+            draining: false,
+        };
+        let routes = Arc::new(MeshRoutes::default());
+        let fleet = Fleet::new(me, shared, routes.clone());
 
         let index = Arc::new(TunnelIndex::new(settings.shards));
         let io_driver = settings.io_driver;
@@ -235,23 +368,38 @@ impl Server {
             index.clone(),
             relay_tx,
             token_key,
+            fleet,
         );
         if let Some(n) = notifier {
             control = control.with_mqtt(n);
         }
         let control = Arc::new(control);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        // Subscribe before reading the index, so nothing published meanwhile is missed.
+        if let Some(bus) = store.subscribe() {
+            tasks.push(tokio::spawn(fleet::run_bus(
+                control.clone(),
+                bus,
+                shutdown_rx.clone(),
+            )));
+        }
+        control
+            .heartbeat()
+            .await
+            .context("cannot register this node")?;
         for t in store.all_open_tunnels().await? {
             control.index_tunnel(&t);
         }
-        tracing::info!(open_tunnels = index.len(), "tunnel index rebuilt");
+        tracing::info!(%node_id, shared, open_tunnels = index.len(), "tunnel index rebuilt");
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let api_addr = listeners.api.local_addr()?;
         let metrics_addr = listeners.metrics.local_addr()?;
-        let mut tasks = vec![
+        tasks.extend([
             tokio::spawn(persist_events(store, events_rx, shutdown_rx.clone())),
             tokio::spawn(lifecycle::run_sweeper(control.clone(), shutdown_rx.clone())),
-        ];
+            tokio::spawn(fleet::run_heartbeat(control.clone(), shutdown_rx.clone())),
+        ]);
         if let Some(eventloop) = mqtt_loop {
             tasks.push(tokio::spawn(mqtt::run(
                 control.clone(),
@@ -277,6 +425,7 @@ impl Server {
             .local_addr()?;
         let seam = DataPlaneSeam {
             index,
+            routes: routes.clone(),
             commands: relay_rx,
             events: events_tx,
         };
@@ -287,6 +436,7 @@ impl Server {
                 seam,
                 clock,
                 listeners.relay,
+                listeners.mesh,
             )?;
             (None, Some(relay))
         } else {
@@ -308,6 +458,7 @@ impl Server {
             relay_addr,
             new_admin_key,
             seam,
+            routes,
             relay,
             shutdown,
             tasks,
@@ -315,8 +466,13 @@ impl Server {
         })
     }
 
-    /// Stops serving and waits for in-flight requests and background tasks to finish.
+    /// Stops serving and waits for in-flight requests and background tasks to finish. A node
+    /// of a fleet first drains: it takes no new tunnels and hands its own to the other nodes.
     pub async fn shutdown(mut self) {
+        let moved = self.control.drain().await;
+        if moved > 0 {
+            tracing::info!(tunnels = moved, "drained: tunnels handed to other nodes");
+        }
         if let Some(relay) = self.relay.take() {
             let _ = tokio::task::spawn_blocking(move || relay.shutdown()).await;
         }
@@ -327,6 +483,14 @@ impl Server {
         for t in self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+/// `public` (`host:port` from settings) with the bound port when it names port 0.
+fn advertised(public: &str, bound_port: u16) -> String {
+    match public.rsplit_once(':') {
+        Some((host, "0")) => format!("{host}:{bound_port}"),
+        _ => public.to_string(),
     }
 }
 

@@ -50,24 +50,9 @@ pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<Tls
             .context("cannot parse tls/ca.key")?;
         (fs::read_to_string(&paths.ca_cert)?, key)
     } else {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "iotunnel");
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("iotunnel CA {}", unique_suffix()),
-        );
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_after = rcgen::date_time_ymd(2046, 1, 1);
-        let cert = params.self_signed(&key)?;
-        write_private(&paths.ca_key, &key.serialize_pem())?;
-        write_atomic(&paths.ca_cert, &cert.pem(), 0o644)?;
-        // A new CA invalidates any server certificate signed by an older one.
-        let _ = fs::remove_file(&paths.server_sans);
-        (cert.pem(), key)
+        let (cert, key) = new_ca()?;
+        install_ca(data_dir, &cert, &key)?;
+        (cert, KeyPair::from_pem(&key)?)
     };
 
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
@@ -105,6 +90,42 @@ pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<Tls
     )?;
     write_atomic(&paths.server_sans, &wanted, 0o644)?;
     Ok(paths)
+}
+
+/// A new self-signed CA: its certificate and private key, PEM.
+pub fn new_ca() -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "iotunnel");
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("iotunnel CA {}", unique_suffix()),
+    );
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_after = rcgen::date_time_ymd(2046, 1, 1);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Makes `cert`/`key` the CA of `{data_dir}/tls/` (a fleet's shared CA); a changed CA makes
+/// [`ensure_material`] issue a new server certificate.
+pub fn install_ca(data_dir: &Path, cert: &str, key: &str) -> anyhow::Result<()> {
+    let paths = TlsPaths::new(data_dir);
+    let dir = paths.ca_cert.parent().expect("tls dir has a parent");
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let same = fs::read_to_string(&paths.ca_cert).is_ok_and(|c| c == cert)
+        && fs::read_to_string(&paths.ca_key).is_ok_and(|k| k == key);
+    if same {
+        return Ok(());
+    }
+    write_private(&paths.ca_key, key)?;
+    write_atomic(&paths.ca_cert, cert, 0o644)?;
+    // A new CA invalidates any server certificate signed by an older one.
+    let _ = fs::remove_file(&paths.server_sans);
+    Ok(())
 }
 
 fn unique_suffix() -> String {

@@ -387,6 +387,22 @@ fn every_panel_the_issue_asks_for_exists() {
         ("rss", "process_resident_memory_bytes", ""),
         ("fds", "process_open_fds", ""),
         ("build", "iotunnel_build_info", "version"),
+        // The fleet row (issue 11).
+        ("nodes live", "iotunnel_fleet_nodes", "state=\"live\""),
+        (
+            "owned tunnels per node",
+            "iotunnel_fleet_owned_tunnels",
+            "by (instance)",
+        ),
+        ("peers per node", "iotunnel_peers_connected", "by (instance"),
+        (
+            "mesh traffic per node",
+            "iotunnel_mesh_bytes_total",
+            "by (instance, direction)",
+        ),
+        ("mesh forwards", "iotunnel_mesh_forwards_total", "rate("),
+        ("mesh connections", "iotunnel_mesh_connections", ""),
+        ("leader", "iotunnel_fleet_leader", ""),
     ];
     for (keyword, metric, fragment) in required {
         let found = all.iter().any(|(title, expr)| {

@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::Arc;
 
+use common::pg::TestDatabase;
 use iotunnel::seam::{CloseReason, ConnectionEvent, ConnectionEventKind, Side};
+use iotunnel::store::postgres::PgStore;
 use iotunnel::store::sqlite::SqliteStore;
 use iotunnel::store::*;
 
@@ -23,6 +25,7 @@ fn new_tunnel(id: &str, device: &str, at: i64) -> NewTunnel {
         device_token_hash: [2; 32],
         device_token_seed: [3; 32],
         max_open_per_device: 3,
+        owner_node: None,
     }
 }
 
@@ -285,7 +288,7 @@ async fn contract(s: Arc<dyn Store>) {
     );
     assert_eq!((t.device.connected, t.device.updated_at), (false, Some(60)));
     assert_eq!((t.device.bytes_sent, t.device.bytes_received), (123, 456));
-    s.reset_connections(70).await.unwrap();
+    s.reset_connections("n1".into(), 70).await.unwrap();
     let t = s.get_tunnel("acc_a".into(), "t1".into()).await.unwrap();
     assert_eq!((t.client.connected, t.client.updated_at), (false, Some(70)));
 
@@ -331,12 +334,504 @@ async fn contract(s: Arc<dyn Store>) {
     s.delete_tunnel("acc_a".into(), "t4".into())
         .await
         .unwrap_err();
+
+    fleet_contract(s).await;
+}
+
+fn node(id: &str, heartbeat_at: i64) -> NodeRecord {
+    NodeRecord {
+        node_id: id.into(),
+        relay_url: format!("wss://{id}.example:443"),
+        api_url: format!("http://{id}.example:8080"),
+        mesh_addr: Some(format!("{id}.example:7000")),
+        version: "0.1.0".into(),
+        started_at: 1,
+        heartbeat_at,
+        shards: 4,
+        open_tunnels: 7,
+        device_channels: 9,
+        draining: false,
+    }
+}
+
+fn ids(tunnels: &[Tunnel]) -> Vec<&str> {
+    tunnels.iter().map(|t| t.id.as_str()).collect()
+}
+
+/// Connects both sides of each tunnel at `at`.
+async fn connect_all(s: &dyn Store, tunnel_ids: &[&str], at: i64) {
+    let mut events = Vec::new();
+    for id in tunnel_ids {
+        for side in [Side::Device, Side::Client] {
+            events.push(ConnectionEvent {
+                tunnel_id: id.to_string(),
+                side,
+                at,
+                kind: ConnectionEventKind::Connected {
+                    addr: "1.2.3.4:5".into(),
+                },
+            });
+        }
+    }
+    s.apply_connection_events(events).await.unwrap();
+}
+
+async fn tunnel(s: &dyn Store, id: &str) -> Tunnel {
+    s.get_tunnel("acc_a".into(), id.into()).await.unwrap()
+}
+
+/// The fleet's part of the contract (runs after the rest: d2 and its OPEN tunnel t4 remain).
+async fn fleet_contract(s: &dyn Store) {
+    // Nodes: upsert replaces, the list is by node id.
+    s.upsert_node(node("n2", 1)).await.unwrap();
+    s.upsert_node(node("n1", 1)).await.unwrap();
+    let mut n1 = node("n1", 5);
+    (n1.draining, n1.mesh_addr, n1.open_tunnels) = (true, None, 0);
+    s.upsert_node(n1.clone()).await.unwrap();
+    assert_eq!(s.list_nodes().await.unwrap(), vec![n1, node("n2", 1)]);
+
+    // Fleet secrets: the first writer wins.
+    let secret = |name: &str, v: &[u8]| s.fleet_secret(name.into(), v.to_vec());
+    assert_eq!(secret("mesh", &[1, 2]).await.unwrap(), [1, 2]);
+    assert_eq!(secret("mesh", &[3]).await.unwrap(), [1, 2]);
+    assert_eq!(secret("token", &[7; 32]).await.unwrap(), [7; 32]);
+
+    // Leases: taken, renewed by the holder, refused to others until expired (until < now).
+    let lease = |name: &str, holder: &str, now| s.try_lease(name.into(), holder.into(), now, 50);
+    assert!(lease("sweeper", "n1", 100).await.unwrap());
+    assert!(!lease("sweeper", "n2", 120).await.unwrap());
+    assert!(
+        lease("sweeper", "n1", 140).await.unwrap(),
+        "renewed until 190"
+    );
+    assert!(!lease("sweeper", "n2", 160).await.unwrap());
+    assert!(
+        !lease("sweeper", "n2", 190).await.unwrap(),
+        "190 is not past 190"
+    );
+    assert!(
+        lease("sweeper", "n2", 191).await.unwrap(),
+        "expired: stolen"
+    );
+    assert!(!lease("sweeper", "n1", 200).await.unwrap());
+    assert!(
+        lease("placer", "n1", 200).await.unwrap(),
+        "leases are independent"
+    );
+
+    // Owners: stored and read back everywhere.
+    let owners = [
+        ("f1", Some("n1")),
+        ("f2", Some("n1")),
+        ("f3", Some("n2")),
+        ("f4", Some("n1")),
+        ("f5", None),
+    ];
+    for (id, owner) in owners {
+        let mut t = new_tunnel(id, "d2", 2000);
+        t.max_open_per_device = 100;
+        t.owner_node = owner.map(Into::into);
+        assert_eq!(
+            s.create_tunnel(t).await.unwrap().owner_node.as_deref(),
+            owner
+        );
+    }
+    assert_eq!(tunnel(s, "f1").await.owner_node.as_deref(), Some("n1"));
+    let open = s
+        .open_tunnels_of_device("pk".into(), "d2".into())
+        .await
+        .unwrap();
+    let got: Vec<_> = open
+        .iter()
+        .map(|t| (t.id.as_str(), t.owner_node.as_deref()))
+        .collect();
+    assert_eq!(got, [[("t4", None)].as_slice(), &owners].concat());
+    let all = s.all_open_tunnels().await.unwrap();
+    assert_eq!(all.iter().filter(|t| t.owner_node.is_some()).count(), 4);
+    let page = s
+        .search_tunnels("acc_a".into(), TunnelFilter::default(), None, 1)
+        .await
+        .unwrap();
+    assert_eq!(page.tunnels[0].owner_node, None, "f5, the newest");
+    s.close_tunnel("acc_a".into(), "f2".into(), CloseReason::Closed, 2010)
+        .await
+        .unwrap();
+    let by_owner = |v: &[(&str, u64)]| {
+        v.iter()
+            .map(|(n, c)| (n.to_string(), *c))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        s.open_tunnels_by_owner().await.unwrap(),
+        by_owner(&[("n1", 2), ("n2", 1)]),
+        "CLOSED and ownerless tunnels are not counted"
+    );
+
+    // A node's restart resets its own tunnels and the ownerless ones, no other node's.
+    connect_all(s, &["t4", "f1", "f3", "f4", "f5"], 2100).await;
+    s.reset_connections("n2".into(), 2200).await.unwrap();
+    for (id, still) in [
+        ("t4", false),
+        ("f1", true),
+        ("f3", false),
+        ("f4", true),
+        ("f5", false),
+    ] {
+        let t = tunnel(s, id).await;
+        assert_eq!(
+            (t.device.connected, t.client.connected),
+            (still, still),
+            "{id}"
+        );
+        let at = if still { 2100 } else { 2200 };
+        assert_eq!(
+            (t.device.updated_at, t.client.updated_at),
+            (Some(at), Some(at)),
+            "{id}"
+        );
+    }
+
+    // Re-placement: n1's OPEN tunnels go round robin to n2 and n3, both sides reset.
+    let moved = s
+        .reassign_tunnels("n1".into(), vec!["n2".into(), "n3".into()], 2300)
+        .await
+        .unwrap();
+    assert_eq!(ids(&moved), ["f1", "f4"]);
+    for (t, to) in moved.iter().zip(["n2", "n3"]) {
+        assert_eq!(t.owner_node.as_deref(), Some(to));
+        assert_eq!(t, &tunnel(s, &t.id).await, "returned as stored");
+        for side in [&t.device, &t.client] {
+            assert_eq!((side.connected, side.updated_at), (false, Some(2300)));
+        }
+    }
+    assert_eq!(
+        tunnel(s, "f2").await.owner_node.as_deref(),
+        Some("n1"),
+        "CLOSED stays"
+    );
+    assert_eq!(
+        s.open_tunnels_by_owner().await.unwrap(),
+        by_owner(&[("n2", 2), ("n3", 1)])
+    );
+    let again = s
+        .reassign_tunnels("n1".into(), vec!["n2".into()], 2400)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "idempotent");
+    let nowhere = s.reassign_tunnels("n2".into(), vec![], 2400).await.unwrap();
+    assert!(nowhere.is_empty(), "no live node: nothing moves");
+    assert_eq!(tunnel(s, "f3").await.owner_node.as_deref(), Some("n2"));
+
+    // Device channels: a newer channel replaces, a node clears only its own.
+    let channel = |pk: &str, d: &str| s.device_channel_node(pk.into(), d.into());
+    let set =
+        |pk: &str, d: &str, n: &str, at| s.set_device_channel(pk.into(), d.into(), n.into(), at);
+    let clear = |pk: &str, d: &str, n: &str| s.clear_device_channel(pk.into(), d.into(), n.into());
+    assert_eq!(channel("pk", "d2").await.unwrap(), None);
+    set("pk", "d2", "n1", 10).await.unwrap();
+    assert_eq!(channel("pk", "d2").await.unwrap().as_deref(), Some("n1"));
+    set("pk", "d2", "n2", 11).await.unwrap();
+    clear("pk", "d2", "n1").await.unwrap();
+    assert_eq!(
+        channel("pk", "d2").await.unwrap().as_deref(),
+        Some("n2"),
+        "not n1's"
+    );
+    set("pk", "d3", "n2", 12).await.unwrap();
+    set("pk_b", "d9", "n1", 12).await.unwrap();
+    let map = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(d, n)| (d.to_string(), n.to_string()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    assert_eq!(
+        s.device_channel_nodes("pk".into()).await.unwrap(),
+        map(&[("d2", "n2"), ("d3", "n2")])
+    );
+    clear("pk", "d2", "n2").await.unwrap();
+    assert_eq!(channel("pk", "d2").await.unwrap(), None);
+    set("pk", "d2", "n1", 13).await.unwrap();
+    s.clear_device_channels_of_node("n2".into()).await.unwrap();
+    assert_eq!(
+        s.device_channel_nodes("pk".into()).await.unwrap(),
+        map(&[("d2", "n1")])
+    );
+    assert_eq!(
+        s.device_channel_nodes("pk_b".into()).await.unwrap(),
+        map(&[("d9", "n1")])
+    );
+    assert!(s
+        .device_channel_nodes("none".into())
+        .await
+        .unwrap()
+        .is_empty());
+
+    s.publish("hello".into()).await.unwrap();
 }
 
 #[tokio::test]
 async fn sqlite_meets_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();
-    contract(Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap())).await;
+    let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+    assert!(store.subscribe().is_none(), "one node: no bus");
+    contract(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn postgres_meets_the_store_contract() {
+    let db = TestDatabase::create().await;
+    // Trust auth ignores the password; it is here to prove Debug and errors never show it.
+    let url = db.url.replace("postgres@", "postgres:hunter2@");
+    let store = PgStore::connect(&url).await.unwrap();
+    assert!(!format!("{store:?}").contains("hunter2"), "{store:?}");
+    contract(Arc::new(store)).await;
+}
+
+/// Receives the next bus event, failing the test after 10 s.
+async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<BusEvent>) -> BusEvent {
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a bus event within 10 s")
+        .expect("the subscription stays open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_nodes_starting_together_migrate_once() {
+    let db = TestDatabase::create().await;
+    let (a, b, c) = tokio::join!(
+        PgStore::connect(&db.url),
+        PgStore::connect(&db.url),
+        PgStore::connect(&db.url)
+    );
+    for store in [a, b, c] {
+        store.unwrap().list_nodes().await.unwrap();
+    }
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, (1..=versions.len() as i32).collect::<Vec<_>>());
+    assert!(!versions.is_empty());
+    // A fourth node finds nothing to do.
+    PgStore::connect(&db.url).await.unwrap();
+    let count: i64 = client
+        .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count as usize, versions.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tunnel_limit_holds_across_nodes() {
+    const LIMIT: u32 = 5;
+    let db = TestDatabase::create().await;
+    let mut nodes: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(PgStore::connect(&db.url).await.unwrap()));
+    }
+    seed(nodes[0].as_ref()).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let s = nodes[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = new_tunnel(&format!("r{i}"), "d1", i as i64);
+            t.max_open_per_device = LIMIT;
+            s.create_tunnel(t).await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(e) => assert_eq!(e, StoreError::TunnelLimit(LIMIT)),
+        }
+    }
+    assert_eq!(created, LIMIT);
+    let open = nodes[1]
+        .open_tunnels_of_device("pk".into(), "d1".into())
+        .await
+        .unwrap();
+    assert_eq!(open.len(), LIMIT as usize);
+}
+
+/// What several nodes race for at once: one lease winner, one secret, no tunnel moved twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_fleet_races_have_one_winner() {
+    let db = TestDatabase::create().await;
+    let mut nodes: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(PgStore::connect(&db.url).await.unwrap()));
+    }
+    seed(nodes[0].as_ref()).await;
+    for i in 0..40 {
+        let mut t = new_tunnel(&format!("m{i}"), "d1", i);
+        (t.max_open_per_device, t.owner_node) = (100, Some("dead".into()));
+        nodes[0].create_tunnel(t).await.unwrap();
+    }
+    let mut leases = Vec::new();
+    let mut secrets = Vec::new();
+    let mut moves = Vec::new();
+    for (i, s) in nodes.iter().enumerate() {
+        let s = s.clone();
+        let me = format!("n{i}");
+        leases.push(tokio::spawn({
+            let (s, me) = (s.clone(), me.clone());
+            async move { s.try_lease("sweeper".into(), me, 100, 1000).await }
+        }));
+        secrets.push(tokio::spawn({
+            let s = s.clone();
+            async move { s.fleet_secret("mesh".into(), vec![i as u8; 32]).await }
+        }));
+        moves.push(tokio::spawn(async move {
+            s.reassign_tunnels("dead".into(), vec![me], 200).await
+        }));
+    }
+    let mut won = 0;
+    for l in leases {
+        won += l.await.unwrap().unwrap() as u32;
+    }
+    assert_eq!(won, 1, "one node holds the lease");
+    let mut values = Vec::new();
+    for s in secrets {
+        values.push(s.await.unwrap().unwrap());
+    }
+    assert!(
+        values.windows(2).all(|w| w[0] == w[1]),
+        "one secret for all"
+    );
+    let mut moved: Vec<String> = Vec::new();
+    for m in moves {
+        moved.extend(m.await.unwrap().unwrap().into_iter().map(|t| t.id));
+    }
+    moved.sort();
+    let before = moved.len();
+    moved.dedup();
+    assert_eq!(
+        (before, moved.len()),
+        (40, 40),
+        "every tunnel moved exactly once"
+    );
+    let owners = nodes[0].open_tunnels_by_owner().await.unwrap();
+    assert_eq!(owners.iter().map(|(_, n)| n).sum::<u64>(), 40);
+    assert!(owners.iter().all(|(n, _)| n != "dead"));
+}
+
+#[tokio::test]
+async fn postgres_bus_reaches_every_node() {
+    let db = TestDatabase::create().await;
+    let a = PgStore::connect(&db.url).await.unwrap();
+    let b = PgStore::connect(&db.url).await.unwrap();
+    let mut on_a = a.subscribe().expect("PostgreSQL has a bus");
+    let mut on_b = b.subscribe().expect("PostgreSQL has a bus");
+    assert_eq!(next_event(&mut on_a).await, BusEvent::Resynced);
+    assert_eq!(next_event(&mut on_b).await, BusEvent::Resynced);
+    a.publish("close t1".into()).await.unwrap();
+    b.publish("rotate t2".into()).await.unwrap();
+    for rx in [&mut on_a, &mut on_b] {
+        assert_eq!(next_event(rx).await, BusEvent::Message("close t1".into()));
+        assert_eq!(next_event(rx).await, BusEvent::Message("rotate t2".into()));
+    }
+}
+
+#[tokio::test]
+async fn postgres_bus_survives_a_killed_listener() {
+    let db = TestDatabase::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let mut rx = store.subscribe().unwrap();
+    assert_eq!(next_event(&mut rx).await, BusEvent::Resynced);
+    let killed: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity              WHERE datname = current_database() AND application_name = $1",
+            &[&iotunnel::store::postgres::BUS_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "one listener connection");
+    assert_eq!(next_event(&mut rx).await, BusEvent::Resynced, "reconnected");
+    store.publish("after".into()).await.unwrap();
+    assert_eq!(next_event(&mut rx).await, BusEvent::Message("after".into()));
+}
+
+#[tokio::test]
+async fn postgres_tls_modes() {
+    let db = TestDatabase::create().await;
+    let admin = db.client().await;
+    let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    let url = |params: &str| format!("{}?{params}", db.url);
+    if ssl != "on" {
+        let err = PgStore::connect(&url("sslmode=require")).await.unwrap_err();
+        assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+        return;
+    }
+    let store = PgStore::connect(&url("sslmode=require")).await.unwrap();
+    store.list_nodes().await.unwrap();
+    let encrypted: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)              WHERE a.datname = current_database() AND s.ssl AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the pooled connection is encrypted");
+    // The server's own certificate as the root (Debian's snakeoil names `localhost`).
+    let cert: String = admin
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let with_root = |mode: &str, host: &str| {
+        url(&format!("sslmode={mode}&sslrootcert={cert}")).replace("127.0.0.1", host)
+    };
+    PgStore::connect(&with_root("verify-ca", "127.0.0.1"))
+        .await
+        .expect("verify-ca ignores the host name");
+    PgStore::connect(&with_root("verify-full", "localhost"))
+        .await
+        .expect("verify-full: the chain and the name match");
+    let err = PgStore::connect(&with_root("verify-full", "127.0.0.1"))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+    let webpki = PgStore::connect(&url("sslmode=verify-full"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{webpki:#}").contains("cannot connect"),
+        "{webpki:#}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_bad_urls_fail_clearly() {
+    let err = PgStore::connect("postgres://u:hunter2@127.0.0.1:1/db?sslmode=disable")
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("cannot connect to PostgreSQL at 127.0.0.1:1/db"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+    for bad in [
+        "not a url",
+        "postgres://u:hunter2@h/db?sslmode=maybe",
+        "postgres://u:hunter2@h:notaport/db",
+        "postgres://h/db?sslrootcert=/nonexistent.pem",
+    ] {
+        let msg = format!("{:#}", PgStore::connect(bad).await.unwrap_err());
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(!msg.is_empty());
+    }
 }
 
 #[tokio::test]

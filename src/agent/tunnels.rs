@@ -31,6 +31,8 @@ pub struct RelayContext {
 struct Running {
     /// SHA-256 of the token it uses (the token itself stays in the task).
     token_hash: [u8; 32],
+    /// The relay it dials (a fleet re-places a tunnel by naming another node's relay).
+    endpoint: Endpoint,
     generation: u64,
     task: JoinHandle<()>,
 }
@@ -68,12 +70,13 @@ impl Tunnels {
         }
     }
 
-    /// Serves a tunnel, unless it is already served with this token.
+    /// Serves a tunnel, unless it is already served with this token at this relay.
     pub fn connect(&self, note: Connect) {
         let token_hash = crate::token::hash_secret(&note.token.0);
         let mut running = lock(&self.running);
         if let Some(r) = running.get(&note.tunnel_id) {
-            let same = crate::token::hashes_equal(&r.token_hash, &token_hash);
+            let same = crate::token::hashes_equal(&r.token_hash, &token_hash)
+                && r.endpoint == note.endpoint;
             if same && !r.task.is_finished() {
                 return;
             }
@@ -89,13 +92,14 @@ impl Tunnels {
             self.running.clone(),
             generation,
             note.tunnel_id.clone(),
-            note.endpoint,
+            note.endpoint.clone(),
             note.token,
         ));
         let old = running.insert(
             note.tunnel_id,
             Running {
                 token_hash,
+                endpoint: note.endpoint,
                 generation,
                 task,
             },

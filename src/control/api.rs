@@ -99,6 +99,7 @@ pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -
         .routes(routes!(batch_close))
         .routes(routes!(batch_delete))
         .routes(routes!(rotate_tunnel))
+        .routes(routes!(list_nodes))
         .routes(routes!(device_channel::connect))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -194,6 +195,29 @@ async fn create_account(
     ))
 }
 
+/// The nodes of the fleet (admin key only); a single node lists itself.
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, body = NodeList), (status = 403, body = ErrorEnvelope)))]
+async fn list_nodes(State(cp): Cp, Caller(me): Caller) -> ApiResult<Json<NodeList>> {
+    if !me.is_admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the admin key may list nodes",
+        ));
+    }
+    let now = cp.clock.now_ms();
+    let dead_after = cp.settings.node_dead_after_ms as i64;
+    let nodes = cp
+        .store
+        .list_nodes()
+        .await?
+        .into_iter()
+        .map(|n| NodeView::new(n, now, dead_after))
+        .collect();
+    Ok(Json(NodeList { nodes }))
+}
+
 /// Creates a product.
 #[utoipa::path(post, path = "/v1/products", tag = "products", request_body = CreateProduct,
     responses((status = 201, body = ProductView), (status = 400, body = ErrorEnvelope)))]
@@ -275,10 +299,18 @@ async fn list_devices(
         .list_devices(me.id, product_key)
         .await
         .map_err(|e| ApiError::from_store(e, "product"))?;
+    // Channels on other nodes of the fleet, read once for the whole list.
+    let elsewhere = match (cp.fleet.shared, devices.first()) {
+        (true, Some(d)) => cp.store.device_channel_nodes(d.product_key.clone()).await?,
+        _ => Default::default(),
+    };
     let devices = devices
         .into_iter()
         .map(|d| {
-            let online = cp.is_online(&d.product_key, &d.name);
+            let online = cp.is_online_here(&d.product_key, &d.name)
+                || elsewhere
+                    .get(&d.name)
+                    .is_some_and(|node| cp.node_is_live(node));
             DeviceView::new(d, online)
         })
         .collect();
@@ -329,8 +361,8 @@ async fn create_tunnel(
         StatusCode::CREATED,
         Json(TunnelCreated {
             tunnel_id: t.id.clone(),
-            client_url: cp.side_url(&t.id, crate::seam::Side::Client),
-            client_endpoint: cp.relay_endpoint(),
+            client_url: cp.side_url(t, crate::seam::Side::Client),
+            client_endpoint: cp.relay_endpoint(t),
             client_token: created.client_token,
             state: t.state.as_str().into(),
             created_at: crate::clock::rfc3339(t.created_at),

@@ -97,8 +97,9 @@ impl DeviceChannels {
         (id, rx)
     }
 
-    fn unregister(&self, key: &DeviceKey, id: u64) {
-        self.map.remove_if(key, |_, h| h.id == id);
+    /// Removes the channel `id` of the device; false when a newer one replaced it.
+    fn unregister(&self, key: &DeviceKey, id: u64) -> bool {
+        self.map.remove_if(key, |_, h| h.id == id).is_some()
     }
 }
 
@@ -193,6 +194,24 @@ pub async fn connect(
         key,
         id,
     };
+    if cp.fleet.shared {
+        // Fleet-wide presence, and the end of an older channel on another node.
+        let (pk, dn) = (guard.key.0.clone(), guard.key.1.clone());
+        cp.store
+            .set_device_channel(
+                pk.clone(),
+                dn.clone(),
+                cp.fleet.node_id.clone(),
+                cp.clock.now_ms(),
+            )
+            .await?;
+        cp.publish(super::fleet::FleetMsg::Channel {
+            from: cp.fleet.node_id.clone(),
+            product_key: pk,
+            device_name: dn,
+        })
+        .await;
+    }
     Ok(ws.on_upgrade(move |socket| serve_channel(guard, socket, rx)))
 }
 
@@ -205,7 +224,17 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.cp.channels.unregister(&self.key, self.id);
+        let gone = self.cp.channels.unregister(&self.key, self.id);
+        if gone && self.cp.fleet.shared {
+            let (cp, (pk, dn)) = (self.cp.clone(), self.key.clone());
+            // Only this node's record goes: a newer channel elsewhere keeps the device online.
+            tokio::spawn(async move {
+                let node = cp.fleet.node_id.clone();
+                if let Err(e) = cp.store.clear_device_channel(pk, dn, node).await {
+                    tracing::warn!(error = %e, "cannot clear device presence");
+                }
+            });
+        }
     }
 }
 

@@ -27,13 +27,18 @@ pub async fn sweep_once(cp: &ControlPlane) -> StoreResult<SweepReport> {
     let now = cp.clock.now_ms();
     let expired = cp.store.expire_tunnels(now).await?;
     for t in &expired {
-        cp.after_close(t, CloseReason::Expired);
+        cp.after_close(t, CloseReason::Expired).await;
     }
     let retention = i64::from(cp.settings.retention_days) * DAY_MS;
     let purged = cp.store.purge_tunnels(now - retention).await?;
     for id in &purged {
         // A tunnel purged while still OPEN (retention shorter than its lifetime) must stop too.
         cp.index.remove(id);
+        cp.publish(super::fleet::FleetMsg::Delete {
+            from: cp.fleet.node_id.clone(),
+            tunnel_id: id.clone(),
+        })
+        .await;
     }
     if !purged.is_empty() {
         tracing::info!(count = purged.len(), "tunnels deleted after retention");
@@ -44,13 +49,17 @@ pub async fn sweep_once(cp: &ControlPlane) -> StoreResult<SweepReport> {
     })
 }
 
-/// Sweeps every `sweep_interval_ms` until `shutdown` turns true.
+/// Sweeps every `sweep_interval_ms` until `shutdown` turns true, while this node leads the
+/// fleet (one sweeper at a time; a single node always leads).
 pub async fn run_sweeper(cp: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(cp.settings.sweep_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
+                if !cp.fleet.is_leader() {
+                    continue;
+                }
                 if let Err(e) = sweep_once(&cp).await {
                     tracing::warn!(error = %e, "lifecycle sweep failed; will retry");
                 }

@@ -18,6 +18,7 @@ pub mod api;
 pub mod console;
 pub mod device_channel;
 pub mod error;
+pub mod fleet;
 pub mod lifecycle;
 pub mod mqtt;
 pub mod views;
@@ -80,6 +81,8 @@ pub struct ControlPlane {
     pub channels: DeviceChannels,
     /// The MQTT broker link, when `--mqtt-url` is set.
     pub mqtt: Option<Arc<mqtt::MqttNotifier>>,
+    /// This node and the others sharing the store.
+    pub fleet: fleet::Fleet,
     relay: mpsc::UnboundedSender<RelayCommand>,
     /// Key from which device tokens are derived; never leaves the process.
     token_key: [u8; 32],
@@ -102,6 +105,7 @@ impl ControlPlane {
         index: Arc<TunnelIndex>,
         relay: mpsc::UnboundedSender<RelayCommand>,
         token_key: [u8; 32],
+        fleet: fleet::Fleet,
     ) -> Self {
         Self {
             store,
@@ -110,6 +114,7 @@ impl ControlPlane {
             index,
             channels: DeviceChannels::default(),
             mqtt: None,
+            fleet,
             relay,
             token_key,
             accounts_by_key: DashMap::new(),
@@ -122,8 +127,31 @@ impl ControlPlane {
         self
     }
 
-    /// Whether the device is online: its channel is up, or it announced itself over MQTT.
-    pub fn is_online(&self, product_key: &str, device_name: &str) -> bool {
+    /// Whether the device is online: its channel is up here, or on a live node of the fleet,
+    /// or it announced itself over MQTT.
+    pub async fn is_online(&self, product_key: &str, device_name: &str) -> bool {
+        if self.is_online_here(product_key, device_name) {
+            return true;
+        }
+        if !self.fleet.shared {
+            return false;
+        }
+        match self
+            .store
+            .device_channel_node(product_key.into(), device_name.into())
+            .await
+        {
+            Ok(Some(node)) => self.node_is_live(&node),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read device presence");
+                false
+            }
+        }
+    }
+
+    /// Whether the device's channel is up on this node, or it is online over MQTT.
+    pub fn is_online_here(&self, product_key: &str, device_name: &str) -> bool {
         self.channels.is_online(product_key, device_name)
             || self
                 .mqtt
@@ -131,8 +159,16 @@ impl ControlPlane {
                 .is_some_and(|m| m.is_online(product_key, device_name))
     }
 
-    /// Notifies a device: on its channel if it is up, and on the MQTT broker if configured.
-    pub fn notify(&self, product_key: &str, device_name: &str, event: DeviceEvent<'_>) {
+    /// Whether a node of the fleet is live now.
+    pub fn node_is_live(&self, node_id: &str) -> bool {
+        let dead_after = self.settings.node_dead_after_ms as i64;
+        self.fleet
+            .node_is_live(node_id, self.clock.now_ms(), dead_after)
+    }
+
+    /// Notifies a device: on its channel, wherever in the fleet it is connected, and on the
+    /// MQTT broker if configured.
+    pub async fn notify(&self, product_key: &str, device_name: &str, event: DeviceEvent<'_>) {
         let native = match event {
             DeviceEvent::Connect(t) => self.connect_notification(t),
             DeviceEvent::Close { tunnel_id, reason } => Self::close_notification(tunnel_id, reason),
@@ -145,8 +181,25 @@ impl ControlPlane {
                 }
             }
         }
-        self.channels
-            .send(product_key, device_name, ChannelMsg::Text(native));
+        self.send_to_channel(product_key, device_name, Some(native))
+            .await;
+    }
+
+    /// Queues a message (`None`: "deleted") for the device's channel, here or on the node that
+    /// holds it.
+    async fn send_to_channel(&self, product_key: &str, device_name: &str, text: Option<String>) {
+        if self.channels.is_online(product_key, device_name) || !self.fleet.shared {
+            let msg = text.map_or(ChannelMsg::DeviceDeleted, ChannelMsg::Text);
+            self.channels.send(product_key, device_name, msg);
+            return;
+        }
+        self.publish(fleet::FleetMsg::Device {
+            from: self.fleet.node_id.clone(),
+            product_key: product_key.into(),
+            device_name: device_name.into(),
+            text,
+        })
+        .await;
     }
 
     /// The account an API key belongs to.
@@ -164,23 +217,31 @@ impl ControlPlane {
         }
     }
 
-    /// The relay URL a side dials for a tunnel (Alibaba-style path; AWS-family peers use the
-    /// endpoint with `/tunnel?local-proxy-mode=`).
-    pub fn side_url(&self, tunnel_id: &str, side: Side) -> String {
+    /// The relay URL a side dials for a tunnel: its owner's relay (Alibaba-style path;
+    /// AWS-family peers use the endpoint with `/tunnel?local-proxy-mode=`).
+    pub fn side_url(&self, t: &Tunnel, side: Side) -> String {
         let path = match side {
             Side::Client => "source",
             Side::Device => "device",
         };
-        let scheme = self.settings.public_relay_scheme;
-        format!(
-            "{scheme}://{}/tunnel/{tunnel_id}/{path}",
-            self.relay_endpoint()
-        )
+        let (scheme, endpoint) = self.relay_base(t);
+        format!("{scheme}://{endpoint}/tunnel/{}/{path}", t.id)
     }
 
-    /// The relay's public `host:port`.
-    pub fn relay_endpoint(&self) -> String {
-        self.settings.public_relay.host_port()
+    /// The public `host:port` of the relay owning a tunnel.
+    pub fn relay_endpoint(&self, t: &Tunnel) -> String {
+        self.relay_base(t).1
+    }
+
+    fn relay_base(&self, t: &Tunnel) -> (String, String) {
+        self.fleet
+            .relay_of(t.owner_node.as_deref())
+            .unwrap_or_else(|| {
+                (
+                    self.settings.public_relay_scheme.to_string(),
+                    self.settings.public_relay.host_port(),
+                )
+            })
     }
 
     /// The device token of a tunnel, derived again from its seed.
@@ -194,8 +255,8 @@ impl ControlPlane {
             "operation": "connect",
             "tunnel_id": t.id,
             "token": self.device_token(t),
-            "url": self.side_url(&t.id, Side::Device),
-            "endpoint": self.relay_endpoint(),
+            "url": self.side_url(t, Side::Device),
+            "endpoint": self.relay_endpoint(t),
             "custom_info": t.custom_info,
             "services": t.services,
             "expires_at": rfc3339(t.expires_at),
@@ -219,7 +280,7 @@ impl ControlPlane {
             .await?
             .filter(|d| d.account_id == account.id)
             .ok_or_else(|| ApiError::not_found("device"))?;
-        if !self.is_online(&device.product_key, &device.name) {
+        if !self.is_online(&device.product_key, &device.name).await {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "device_offline",
@@ -248,15 +309,26 @@ impl ControlPlane {
                 device_token_hash: token::hash_secret(&device_token),
                 device_token_seed: seed,
                 max_open_per_device: self.settings.max_open_tunnels_per_device,
+                owner_node: Some(self.fleet.place(
+                    now,
+                    self.settings.node_dead_after_ms as i64,
+                    self.index.owned_here() as u64,
+                )),
             })
             .await
             .map_err(|e| ApiError::from_store(e, "device"))?;
         self.index_tunnel(&tunnel);
+        self.publish(fleet::FleetMsg::Index {
+            from: self.fleet.node_id.clone(),
+            entry: fleet::IndexEntry::of(&tunnel),
+        })
+        .await;
         self.notify(
             &tunnel.product_key,
             &tunnel.device_name,
             DeviceEvent::Connect(&tunnel),
-        );
+        )
+        .await;
         tracing::info!(tunnel_id = %tunnel.id, product_key = %tunnel.product_key,
             device_name = %tunnel.device_name, "tunnel created");
         Ok(CreatedTunnel {
@@ -265,15 +337,9 @@ impl ControlPlane {
         })
     }
 
-    /// Puts an OPEN tunnel's tokens into the index.
+    /// Puts an OPEN tunnel's tokens into the index, with its owner unless that is this node.
     pub fn index_tunnel(&self, t: &Tunnel) {
-        self.index.insert(
-            &t.id,
-            &t.services,
-            t.expires_at,
-            t.client_token_hash,
-            t.device_token_hash,
-        );
+        self.index_entry(&fleet::IndexEntry::of(t));
     }
 
     /// Closes an OPEN tunnel of the account.
@@ -292,17 +358,24 @@ impl ControlPlane {
             )
             .await
             .map_err(|e| ApiError::from_store(e, "tunnel"))?;
-        self.after_close(&t, CloseReason::Closed);
+        self.after_close(&t, CloseReason::Closed).await;
         Ok(t)
     }
 
-    /// Tells the index, the data plane and the device that a tunnel closed.
-    pub fn after_close(&self, t: &Tunnel, reason: CloseReason) {
+    /// Tells the index, the data plane (the owner's, wherever it is) and the device that a
+    /// tunnel closed.
+    pub async fn after_close(&self, t: &Tunnel, reason: CloseReason) {
         self.index.close(&t.id);
         let _ = self.relay.send(RelayCommand::CloseTunnel {
             tunnel_id: t.id.clone(),
             reason,
         });
+        self.publish(fleet::FleetMsg::Close {
+            from: self.fleet.node_id.clone(),
+            tunnel_id: t.id.clone(),
+            reason: reason.as_str().into(),
+        })
+        .await;
         self.notify(
             &t.product_key,
             &t.device_name,
@@ -310,7 +383,8 @@ impl ControlPlane {
                 tunnel_id: &t.id,
                 reason,
             },
-        );
+        )
+        .await;
         tracing::info!(tunnel_id = %t.id, reason = reason.as_str(), "tunnel closed");
     }
 
@@ -321,6 +395,11 @@ impl ControlPlane {
             .await
             .map_err(|e| ApiError::from_store(e, "tunnel"))?;
         self.index.remove(tunnel_id);
+        self.publish(fleet::FleetMsg::Delete {
+            from: self.fleet.node_id.clone(),
+            tunnel_id: tunnel_id.into(),
+        })
+        .await;
         tracing::info!(%tunnel_id, "tunnel deleted");
         Ok(())
     }
@@ -359,9 +438,17 @@ impl ControlPlane {
                 tunnel_id: t.id.clone(),
                 side,
             });
+            self.publish(fleet::FleetMsg::Rotate {
+                from: self.fleet.node_id.clone(),
+                tunnel_id: t.id.clone(),
+                side,
+                hash: hex::encode(hash),
+            })
+            .await;
         }
         if device_token.is_some() {
-            self.notify(&t.product_key, &t.device_name, DeviceEvent::Connect(&t));
+            self.notify(&t.product_key, &t.device_name, DeviceEvent::Connect(&t))
+                .await;
         }
         tracing::info!(%tunnel_id, sides = ?sides, "tunnel tokens rotated");
         Ok((client_token, device_token))
@@ -385,10 +472,9 @@ impl ControlPlane {
             .await
             .map_err(|e| ApiError::from_store(e, "device"))?;
         for t in &closed {
-            self.after_close(t, CloseReason::DeviceDeleted);
+            self.after_close(t, CloseReason::DeviceDeleted).await;
         }
-        self.channels
-            .send(product_key, device_name, ChannelMsg::DeviceDeleted);
+        self.send_to_channel(product_key, device_name, None).await;
         if let Some(mqtt) = &self.mqtt {
             mqtt.publish_device_deleted(product_key, device_name);
         }

@@ -132,6 +132,63 @@ pub struct DeviceList {
     pub devices: Vec<DeviceView>,
 }
 
+/// A node of the fleet in `GET /v1/nodes`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    /// The node's id.
+    pub node_id: String,
+    /// Its relay's public URL.
+    pub relay_url: String,
+    /// Its API's URL.
+    pub api_url: String,
+    /// Its mesh address, when it has a mesh listener.
+    pub mesh_addr: Option<String>,
+    /// `live`, or `dead` after no heartbeat for the dead-after window.
+    pub state: String,
+    /// Whether it is draining (shutting down, taking no new tunnels).
+    pub draining: bool,
+    /// RFC 3339 time of its last heartbeat.
+    pub heartbeat_at: String,
+    /// RFC 3339 time it started.
+    pub started_at: String,
+    /// OPEN tunnels it owns, as of its last heartbeat.
+    pub open_tunnels: u64,
+    /// Device channels connected to it, as of its last heartbeat.
+    pub device_channels: u64,
+    /// Its relay shards.
+    pub shards: u32,
+    /// The iotunnel version it runs.
+    pub version: String,
+}
+
+impl NodeView {
+    /// A node as seen at `now`.
+    pub fn new(n: crate::store::NodeRecord, now: i64, dead_after_ms: i64) -> Self {
+        let live = super::fleet::is_live(&n, now, dead_after_ms);
+        Self {
+            state: if live { "live" } else { "dead" }.into(),
+            heartbeat_at: rfc3339(n.heartbeat_at),
+            started_at: rfc3339(n.started_at),
+            node_id: n.node_id,
+            relay_url: n.relay_url,
+            api_url: n.api_url,
+            mesh_addr: n.mesh_addr,
+            draining: n.draining,
+            open_tunnels: n.open_tunnels,
+            device_channels: n.device_channels,
+            shards: n.shards,
+            version: n.version,
+        }
+    }
+}
+
+/// `GET /v1/nodes`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeList {
+    /// Every node ever registered, by node id.
+    pub nodes: Vec<NodeView>,
+}
+
 /// `POST /v1/tunnels`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

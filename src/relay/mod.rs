@@ -6,6 +6,10 @@
 //! token against the [`TunnelIndex`], answers 101, and hands the socket with its TLS session and
 //! every byte already read to the tunnel's owner shard. There both sides of a tunnel meet and
 //! [`pump`] forwards their frames: no locks and no cross-core traffic on the data path.
+//!
+//! In a fleet, a tunnel owned by another node is checked here and then forwarded to its owner
+//! over the [`mesh`] ([`forward`]); connections other nodes forward to us arrive on the mesh
+//! listener and take the same upgrade path and hand-off as direct ones.
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{IntoRawFd, RawFd};
 use std::rc::Rc;
@@ -20,8 +24,10 @@ use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::config::{IoDriver, Settings};
-use crate::seam::{ConnectionEvent, DataPlaneSeam, RelayCommand, Side, TunnelIndex};
+use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, RelayCommand, Side, TunnelIndex};
 
+mod forward;
+pub mod mesh;
 mod outbox;
 pub mod pump;
 pub mod stats;
@@ -29,6 +35,8 @@ mod sys;
 pub mod tls;
 pub mod upgrade;
 mod writer;
+
+pub use mesh::MeshConfig;
 
 /// Pending connections per shard listener.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -53,6 +61,8 @@ pub struct RelayConfig {
     pub per_tunnel_stats: usize,
     /// Record per-frame metrics (`--relay-metrics`).
     pub frame_stats: bool,
+    /// This node's fleet identity and mesh secret; `None` on a single node.
+    pub mesh: Option<MeshConfig>,
 }
 
 impl RelayConfig {
@@ -79,6 +89,8 @@ impl RelayConfig {
             session_create_timeout: Duration::from_millis(s.session_create_timeout_ms),
             per_tunnel_stats: s.metrics_per_tunnel,
             frame_stats: s.relay_metrics,
+            // The control plane fills it in fleet mode.
+            mesh: None,
         })
     }
 }
@@ -114,6 +126,8 @@ pub struct ShardCtx {
     pub cfg: Arc<RelayConfig>,
     /// The token index.
     pub index: Arc<TunnelIndex>,
+    /// The other nodes' mesh addresses.
+    pub routes: Arc<MeshRoutes>,
     /// Wall-clock time for events.
     pub clock: Arc<dyn Clock>,
     /// Connection events to the control plane.
@@ -147,6 +161,8 @@ impl ShardCtx {
 pub struct RelayHandle {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its mesh listener listens, when it has one.
+    pub mesh_addr: Option<SocketAddr>,
     inboxes: Arc<[mpsc::UnboundedSender<ShardMsg>]>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -204,18 +220,30 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<std::net
 }
 
 impl RelayHandle {
-    /// Starts one shard per listener and routes the control plane's commands to them.
+    /// Starts one shard per listener and routes the control plane's commands to them; shard 0
+    /// also accepts on `mesh_listener` (which needs `cfg.mesh`).
     pub fn start(
         cfg: RelayConfig,
         io_driver: IoDriver,
         seam: DataPlaneSeam,
         clock: Arc<dyn Clock>,
         listeners: Vec<std::net::TcpListener>,
+        mut mesh_listener: Option<std::net::TcpListener>,
     ) -> anyhow::Result<Self> {
         let addr = listeners
             .first()
             .context("no relay listener")?
             .local_addr()?;
+        if let Some(mesh) = &cfg.mesh {
+            mesh::check_node_id(&mesh.node_id)?;
+        }
+        if mesh_listener.is_some() && cfg.mesh.is_none() {
+            anyhow::bail!("a mesh listener needs a node id and a mesh key");
+        }
+        let mesh_addr = mesh_listener
+            .as_ref()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?;
         let cfg = Arc::new(cfg);
         let (txs, rxs): (Vec<_>, Vec<_>) =
             listeners.iter().map(|_| mpsc::unbounded_channel()).unzip();
@@ -228,6 +256,7 @@ impl RelayHandle {
                 id,
                 cfg: cfg.clone(),
                 index: seam.index.clone(),
+                routes: seam.routes.clone(),
                 clock: clock.clone(),
                 events: seam.events.clone(),
                 shards: inboxes.clone(),
@@ -235,10 +264,14 @@ impl RelayHandle {
                 stats: stats::ShardStats::new(cfg.frame_stats),
             };
             let ready = ready_tx.clone();
+            let listeners = ShardListeners {
+                relay: listener,
+                mesh: mesh_listener.take(),
+            };
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("iotunnel-shard-{id}"))
-                    .spawn(move || run_shard(ctx, listener, inbox, io_driver, ready))?,
+                    .spawn(move || run_shard(ctx, listeners, inbox, io_driver, ready))?,
             );
         }
         drop(ready_tx);
@@ -253,6 +286,13 @@ impl RelayHandle {
                 let tunnel_id = match &cmd {
                     RelayCommand::CloseTunnel { tunnel_id, .. }
                     | RelayCommand::DisconnectSide { tunnel_id, .. } => tunnel_id,
+                    // The index already names the new owner: whichever shard pumped it ends it.
+                    RelayCommand::Evict { .. } => {
+                        for inbox in router_inboxes.iter() {
+                            let _ = inbox.send(ShardMsg::Command(cmd.clone()));
+                        }
+                        continue;
+                    }
                 };
                 match index.owner_shard(tunnel_id) {
                     Some(shard) => {
@@ -269,6 +309,7 @@ impl RelayHandle {
         });
         Ok(Self {
             addr,
+            mesh_addr,
             inboxes,
             threads,
         })
@@ -292,9 +333,15 @@ impl RelayHandle {
     }
 }
 
+/// A shard's listeners: its relay listener, and the mesh listener on one shard.
+struct ShardListeners {
+    relay: std::net::TcpListener,
+    mesh: Option<std::net::TcpListener>,
+}
+
 fn run_shard(
     ctx: ShardCtx,
-    listener: std::net::TcpListener,
+    listener: ShardListeners,
     inbox: mpsc::UnboundedReceiver<ShardMsg>,
     driver: IoDriver,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
@@ -336,16 +383,26 @@ fn run_shard(
 
 async fn shard_main(
     ctx: ShardCtx,
-    listener: std::net::TcpListener,
+    listeners: ShardListeners,
     mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
     ready: std::sync::mpsc::Sender<anyhow::Result<()>>,
 ) {
-    let listener = match monoio::net::TcpListener::from_std(listener) {
+    let register = |l: std::net::TcpListener, what: &str| {
+        l.set_nonblocking(true)
+            .and_then(|()| monoio::net::TcpListener::from_std(l))
+            .map_err(|e| anyhow::anyhow!("cannot register the {what} listener: {e}"))
+    };
+    let listener = match register(listeners.relay, "relay") {
         Ok(l) => l,
         Err(e) => {
-            let _ = ready.send(Err(anyhow::anyhow!(
-                "cannot register the relay listener: {e}"
-            )));
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mesh_listener = match listeners.mesh.map(|l| register(l, "mesh")).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
             return;
         }
     };
@@ -353,6 +410,9 @@ async fn shard_main(
     let ctx = Rc::new(ctx);
     let state = Rc::new(pump::Shard::new(ctx.clone()));
     monoio::spawn(accept_loop(listener, ctx.clone(), state.clone()));
+    if let Some(l) = mesh_listener {
+        monoio::spawn(mesh::accept_loop(l, ctx.clone(), state.clone()));
+    }
     while let Some(msg) = inbox.recv().await {
         match msg {
             ShardMsg::HandOff(h) => {
@@ -470,11 +530,15 @@ async fn handshake(
         buffered: BytesMut::new(),
         peer,
     };
-    let result =
-        monoio::time::timeout(ctx.cfg.handshake_timeout, upgrade::accept(&mut conn, &ctx)).await;
+    let accepting = upgrade::accept(&mut conn, &ctx, upgrade::Arrival::Direct);
+    let result = monoio::time::timeout(ctx.cfg.handshake_timeout, accepting).await;
     drop(slot);
     let up = match result {
-        Ok(Ok(up)) => up,
+        Ok(Ok(upgrade::Accepted::Local(up))) => up,
+        Ok(Ok(upgrade::Accepted::Forward { owner_node, head })) => {
+            forward::forward(conn, &owner_node, head, ctx).await;
+            return;
+        }
         Ok(Err(refusal)) => {
             ctx.stats
                 .handshake_failed(refusal.map_or("tls_or_io", upgrade::Refusal::label));
@@ -486,6 +550,12 @@ async fn handshake(
             return;
         }
     };
+    hand_off(&ctx, &state, conn, up);
+}
+
+/// Gives an upgraded connection to its tunnel's owner shard (this one, or another through its
+/// inbox), with its TLS session and every byte already read.
+fn hand_off(ctx: &ShardCtx, state: &Rc<pump::Shard>, conn: upgrade::Conn, up: upgrade::Upgrade) {
     let owner = up.tunnel.owner_shard;
     if owner == ctx.id {
         state.adopt(conn, up);

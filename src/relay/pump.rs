@@ -21,6 +21,7 @@ use monoio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::outbox::{Outbox, Refused};
+use super::stats::MeshDirection;
 use super::upgrade::{Conn, Upgrade, CIPHER_READ};
 use super::{sys, ShardCtx};
 use crate::proto::aliyun::{self, FrameType};
@@ -95,6 +96,8 @@ pub(super) struct Peer {
     /// The last frame forwarded from this peer ended inside a message (a WebSocket fragment or
     /// part of an AWS message): nothing may be injected after it.
     mid_message: Cell<bool>,
+    /// The connection arrived over the mesh from another node (counted as inbound mesh).
+    pub(super) via_mesh: bool,
 }
 
 impl Peer {
@@ -271,7 +274,11 @@ impl Shard {
             bytes_sent: Cell::new(0),
             bytes_received: Cell::new(0),
             mid_message: Cell::new(false),
+            via_mesh: up.via_mesh,
         });
+        if up.via_mesh {
+            self.ctx.stats.mesh_opened(MeshDirection::Inbound);
+        }
         if up.aws_version.is_some_and(|v| v.has_service_ids()) {
             if let Ok(frame) = aws::server_frame(&aws::service_ids_message(&slot.tunnel.services)) {
                 peer.send_ctl_frame(frame);
@@ -329,6 +336,9 @@ impl Shard {
             .as_ref()
             .is_some_and(|p| p.id == peer.id);
         self.ctx.stats.disconnected(peer.side, label);
+        if peer.via_mesh {
+            self.ctx.stats.mesh_closed(MeshDirection::Inbound);
+        }
         if !current {
             // Replaced: the newer connection's state is what describe must show.
             tracing::debug!(tunnel_id = %slot.tunnel.tunnel_id, side = peer.side.as_str(), "replaced peer left");
@@ -411,6 +421,18 @@ impl Shard {
                     }
                 }
             }
+            RelayCommand::Evict { tunnel_id } => {
+                let slot = self.tunnels.borrow().get(tunnel_id.as_str()).cloned();
+                if let Some(slot) = slot {
+                    for p in slot.peers.iter().filter_map(|p| p.borrow().clone()) {
+                        p.end(
+                            close_code::GOING_AWAY,
+                            "tunnel moved to another relay node",
+                            "moved",
+                        );
+                    }
+                }
+            }
             RelayCommand::DisconnectSide { tunnel_id, side } => {
                 let slot = self.tunnels.borrow().get(tunnel_id.as_str()).cloned();
                 if let Some(p) = slot.and_then(|s| s.peers[slot_of(side)].borrow().clone()) {
@@ -467,6 +489,9 @@ impl Shard {
                 let mut frame = buf.split_to(frame_len);
                 peer.bytes_sent
                     .set(peer.bytes_sent.get() + frame_len as u64);
+                if peer.via_mesh {
+                    self.ctx.stats.mesh_bytes(MeshDirection::Inbound, frame_len);
+                }
                 ws::unmask(&mut frame[hdr.header_len..], hdr.mask);
                 match hdr.opcode {
                     OpCode::Ping => match ws::pong_frame(&frame[hdr.header_len..]) {

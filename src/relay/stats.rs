@@ -22,10 +22,35 @@ pub const DISCONNECT_REASONS: &[&str] = &[
     "write_failed",
     "tls_error",
     "shutdown",
+    "moved",
 ];
 
-/// Every reason a handshake fails besides the refusals of [`super::upgrade::Refusal`].
-pub const HANDSHAKE_FAILURES: &[&str] = &["timeout", "tls_or_io", "too_many_handshakes"];
+/// Every reason a handshake fails besides the refusals of [`super::upgrade::Refusal`]
+/// (`mesh_auth`: a mesh connection whose preamble did not verify, see [`super::mesh`]).
+pub const HANDSHAKE_FAILURES: &[&str] =
+    &["timeout", "tls_or_io", "too_many_handshakes", "mesh_auth"];
+
+/// Which way a mesh connection goes, an index into the mesh statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshDirection {
+    /// This node forwards a peer's connection to the tunnel's owner node.
+    Outbound = 0,
+    /// A connection another node forwarded to this one.
+    Inbound = 1,
+}
+
+impl MeshDirection {
+    /// Both directions, in index order.
+    pub const ALL: [MeshDirection; 2] = [MeshDirection::Outbound, MeshDirection::Inbound];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshDirection::Outbound => "outbound",
+            MeshDirection::Inbound => "inbound",
+        }
+    }
+}
 
 /// Histogram range: 1 µs to 60 s in nanoseconds, 3 significant digits.
 fn histogram() -> Histogram<u64> {
@@ -58,6 +83,12 @@ pub struct ShardStats {
     rtt: [RefCell<Histogram<u64>>; 2],
     handshake_failures: RefCell<HashMap<&'static str, u64>>,
     tunnels: Cell<u64>,
+    /// Forwards to an owner node: (ok, unreachable).
+    mesh_forwards: [Cell<u64>; 2],
+    /// Mesh connections open now, by [`MeshDirection`].
+    mesh_connections: [Cell<u64>; 2],
+    /// Bytes carried over the mesh, by [`MeshDirection`].
+    mesh_bytes: [Cell<u64>; 2],
     /// Per-frame recording is on (`--relay-metrics`).
     frame_stats: bool,
 }
@@ -81,6 +112,9 @@ impl ShardStats {
             rtt: [RefCell::new(histogram()), RefCell::new(histogram())],
             handshake_failures: RefCell::default(),
             tunnels: Cell::new(0),
+            mesh_forwards: Default::default(),
+            mesh_connections: Default::default(),
+            mesh_bytes: Default::default(),
             frame_stats,
         }
     }
@@ -146,6 +180,27 @@ impl ShardStats {
             .or_default() += 1;
     }
 
+    /// A forward to an owner node started (`ok`) or could not reach it.
+    pub fn mesh_forward(&self, ok: bool) {
+        bump(&self.mesh_forwards[usize::from(!ok)], 1);
+    }
+
+    /// A mesh connection opened.
+    pub fn mesh_opened(&self, dir: MeshDirection) {
+        bump(&self.mesh_connections[dir as usize], 1);
+    }
+
+    /// A mesh connection closed.
+    pub fn mesh_closed(&self, dir: MeshDirection) {
+        let c = &self.mesh_connections[dir as usize];
+        c.set(c.get().saturating_sub(1));
+    }
+
+    /// `n` bytes were carried over the mesh.
+    pub fn mesh_bytes(&self, dir: MeshDirection, n: usize) {
+        bump(&self.mesh_bytes[dir as usize], n as u64);
+    }
+
     /// The number of tunnels on the shard.
     pub fn set_tunnels(&self, n: usize) {
         self.tunnels.set(n as u64);
@@ -166,6 +221,9 @@ impl ShardStats {
             rtt: self.rtt.each_ref().map(|h| h.borrow().clone()),
             handshake_failures: self.handshake_failures.borrow().clone(),
             tunnels: self.tunnels.get(),
+            mesh_forwards: self.mesh_forwards.each_ref().map(Cell::get),
+            mesh_connections: self.mesh_connections.each_ref().map(Cell::get),
+            mesh_bytes: self.mesh_bytes.each_ref().map(Cell::get),
             per_tunnel: Vec::new(),
         }
     }
@@ -192,6 +250,12 @@ pub struct StatsSnapshot {
     pub handshake_failures: HashMap<&'static str, u64>,
     /// Tunnels on the shard.
     pub tunnels: u64,
+    /// Forwards to an owner node: (ok, unreachable).
+    pub mesh_forwards: [u64; 2],
+    /// Mesh connections open now, by [`MeshDirection`] (outbound, inbound).
+    pub mesh_connections: [u64; 2],
+    /// Bytes carried over the mesh, by [`MeshDirection`] (outbound, inbound).
+    pub mesh_bytes: [u64; 2],
     /// Per-tunnel statistics, when enabled (`--metrics-per-tunnel`).
     pub per_tunnel: Vec<TunnelStats>,
 }

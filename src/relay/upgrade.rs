@@ -7,6 +7,10 @@
 //! `aws.iot.securetunneling-{1.0,2.0,3.0}`; Alibaba family `GET /tunnel/{id}/source|device`
 //! with `tunnel-access-token` and subprotocol `aliyun.iot.securetunnel-v1.1` in
 //! `Sec-WebSocket-Protocol` or a plain `subprotocol` header.
+//!
+//! Fleet mode: a tunnel owned by another node passes the same checks (all but the family lock,
+//! which its owner takes), then no 101 is written here: the caller forwards the request to the
+//! owner over the mesh ([`super::forward`]), whose answer reaches the peer unchanged.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -49,6 +53,32 @@ pub struct Upgrade {
     pub family: Family,
     /// The AWS protocol version, for the AWS family.
     pub aws_version: Option<ProtocolVersion>,
+    /// The connection arrived over the mesh from another node.
+    pub via_mesh: bool,
+}
+
+/// How a connection reached this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Straight from the peer, on the relay port.
+    Direct,
+    /// Forwarded by another node over the mesh (never forwarded again).
+    Mesh,
+}
+
+/// What an accepted upgrade request leads to.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Answered 101: the connection is pumped on this node.
+    Local(Upgrade),
+    /// The tunnel is owned by another node: nothing was answered; forward the request head
+    /// (and `Conn::buffered` after it) to `owner_node`.
+    Forward {
+        /// The owner node's id.
+        owner_node: Arc<str>,
+        /// The upgrade request exactly as the peer sent it.
+        head: BytesMut,
+    },
 }
 
 /// Why an upgrade was refused; each is a metric label too.
@@ -72,11 +102,13 @@ pub enum Refusal {
     FamilyMismatch,
     /// 426: not a WebSocket upgrade.
     NotUpgrade,
+    /// 503: another node owns the tunnel and cannot be reached now.
+    OwnerUnreachable,
 }
 
 impl Refusal {
     /// Every refusal, for metric series created at start.
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::MalformedRequest,
         Refusal::BadPath,
         Refusal::BadSubprotocol,
@@ -86,6 +118,7 @@ impl Refusal {
         Refusal::TunnelClosed,
         Refusal::FamilyMismatch,
         Refusal::NotUpgrade,
+        Refusal::OwnerUnreachable,
     ];
 
     /// HTTP status, envelope code and message.
@@ -123,6 +156,11 @@ impl Refusal {
                 426,
                 "upgrade_required",
                 "the relay only accepts WebSocket upgrades",
+            ),
+            Refusal::OwnerUnreachable => (
+                503,
+                "owner_unreachable",
+                "the node serving this tunnel cannot be reached; try again",
             ),
         }
     }
@@ -207,8 +245,13 @@ pub async fn write_plain(conn: &mut Conn, plain: &[u8]) -> std::io::Result<()> {
     res.map(drop)
 }
 
-/// Runs the TLS handshake and reads the upgrade request; answers 101 or a refusal.
-pub async fn accept(conn: &mut Conn, ctx: &ShardCtx) -> Result<Upgrade, Option<Refusal>> {
+/// Runs the TLS handshake and reads the upgrade request; answers 101 or a refusal, or (for a
+/// tunnel owned by another node, arrived directly) answers nothing and says where to forward.
+pub async fn accept(
+    conn: &mut Conn,
+    ctx: &ShardCtx,
+    arrival: Arrival,
+) -> Result<Accepted, Option<Refusal>> {
     let mut cipher = None;
     // The TLS handshake (a no-op in plaintext mode).
     while conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
@@ -238,8 +281,12 @@ pub async fn accept(conn: &mut Conn, ctx: &ShardCtx) -> Result<Upgrade, Option<R
         Ok(r) => r,
         Err(refusal) => return refuse(conn, refusal).await,
     };
-    match check(&req, ctx) {
+    match check(&req, ctx, arrival) {
         Ok(upgrade) => {
+            if let Some(owner_node) = upgrade.tunnel.owner_node.clone() {
+                // check() refuses a mesh arrival for a remote tunnel: this one came directly.
+                return Ok(Accepted::Forward { owner_node, head });
+            }
             let mut resp = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Accept: {}\r\nchannel-id: {}\r\n",
@@ -257,13 +304,14 @@ pub async fn accept(conn: &mut Conn, ctx: &ShardCtx) -> Result<Upgrade, Option<R
             }
             resp.push_str("\r\n");
             write_plain(conn, resp.as_bytes()).await.map_err(|_| None)?;
-            Ok(upgrade)
+            Ok(Accepted::Local(upgrade))
         }
         Err(refusal) => refuse(conn, refusal).await,
     }
 }
 
-async fn refuse(conn: &mut Conn, refusal: Refusal) -> Result<Upgrade, Option<Refusal>> {
+/// Answers `refusal` as an HTTP error with the JSON envelope, then ends TLS; always `Err`.
+pub async fn refuse<T>(conn: &mut Conn, refusal: Refusal) -> Result<T, Option<Refusal>> {
     let (status, code, message) = refusal.describe();
     let request_id = format!("req_{}", hex::encode(token::random_bytes::<8>()));
     let body =
@@ -274,6 +322,7 @@ async fn refuse(conn: &mut Conn, refusal: Refusal) -> Result<Upgrade, Option<Ref
         401 => "Unauthorized",
         403 => "Forbidden",
         409 => "Conflict",
+        503 => "Service Unavailable",
         _ => "Upgrade Required",
     };
     let resp = format!(
@@ -395,7 +444,7 @@ fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
     })
 }
 
-fn check(req: &Request, ctx: &ShardCtx) -> Result<Upgrade, Refusal> {
+fn check(req: &Request, ctx: &ShardCtx, arrival: Arrival) -> Result<Upgrade, Refusal> {
     if !req.is_upgrade {
         return Err(Refusal::NotUpgrade);
     }
@@ -429,15 +478,23 @@ fn check(req: &Request, ctx: &ShardCtx) -> Result<Upgrade, Refusal> {
         Family::Aliyun if req.aliyun_via.is_none() => return Err(Refusal::BadSubprotocol),
         _ => {}
     }
-    found
-        .tunnel
-        .family
-        .lock(req.family)
-        .map_err(|_| Refusal::FamilyMismatch)?;
+    match (&found.tunnel.owner_node, arrival) {
+        // Only the owner locks the family: a lock taken here would go unseen there.
+        (None, _) => found
+            .tunnel
+            .family
+            .lock(req.family)
+            .map_err(|_| Refusal::FamilyMismatch)?,
+        // A forwarded connection is never forwarded again (no loops between nodes that
+        // disagree about the owner for a moment).
+        (Some(_), Arrival::Mesh) => return Err(Refusal::OwnerUnreachable),
+        (Some(_), Arrival::Direct) => {}
+    }
     Ok(Upgrade {
         tunnel: found.tunnel,
         side: found.side,
         family: req.family,
         aws_version: req.aws_version,
+        via_mesh: arrival == Arrival::Mesh,
     })
 }

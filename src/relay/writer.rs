@@ -120,6 +120,10 @@ async fn write_frames(
         };
         if ok {
             peer.bytes_received.set(peer.bytes_received.get() + written);
+            if peer.via_mesh {
+                ctx.stats
+                    .mesh_bytes(super::stats::MeshDirection::Inbound, written as usize);
+            }
             for at in &read_at {
                 ctx.stats.forward_latency(at.elapsed());
             }

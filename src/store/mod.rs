@@ -1,14 +1,15 @@
 //! The store: accounts, API keys, products, devices and tunnels.
 //!
 //! [`Store`] is what the control plane needs; [`sqlite::SqliteStore`] is the embedded
-//! implementation. A PostgreSQL implementation must pass the same tests (`tests/store.rs`).
-//! A write that returns `Ok` is durable.
+//! implementation (one node) and [`postgres::PgStore`] the shared one (a fleet of nodes). Both
+//! pass the same contract (`tests/store.rs`). A write that returns `Ok` is durable.
 use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::seam::{CloseReason, ConnectionEvent, Side};
 use crate::token::SecretHash;
 
+pub mod postgres;
 pub mod sqlite;
 
 /// What a store operation can fail with.
@@ -164,6 +165,9 @@ pub struct Tunnel {
     pub device: PeerStatus,
     /// Client side's connection.
     pub client: PeerStatus,
+    /// The node that owns the tunnel (where its sides meet); `None` in data written before
+    /// fleets existed, which means "whichever single node serves this store".
+    pub owner_node: Option<String>,
 }
 
 /// A tunnel to create.
@@ -195,6 +199,8 @@ pub struct NewTunnel {
     pub device_token_seed: [u8; 32],
     /// Refuse with [`StoreError::TunnelLimit`] when the device already has this many OPEN.
     pub max_open_per_device: u32,
+    /// The node chosen to own the tunnel.
+    pub owner_node: Option<String>,
 }
 
 /// Search filters; `None` matches everything.
@@ -226,6 +232,43 @@ pub struct Rotation {
     pub client_token_hash: Option<SecretHash>,
     /// New device token hash and seed.
     pub device_token: Option<(SecretHash, [u8; 32])>,
+}
+
+/// A node of the fleet, as kept in the `nodes` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// The node's id (`--node-id`).
+    pub node_id: String,
+    /// Its relay's public URL, `wss://host:port` or `ws://host:port`.
+    pub relay_url: String,
+    /// Its API's URL, `http://host:port`.
+    pub api_url: String,
+    /// Where other nodes reach its mesh listener (`host:port`), when it has one.
+    pub mesh_addr: Option<String>,
+    /// The iotunnel version it runs.
+    pub version: String,
+    /// When it started.
+    pub started_at: Millis,
+    /// Its last heartbeat.
+    pub heartbeat_at: Millis,
+    /// Its relay shards.
+    pub shards: u32,
+    /// OPEN tunnels it owns, as of its last heartbeat.
+    pub open_tunnels: u64,
+    /// Device channels connected to it, as of its last heartbeat.
+    pub device_channels: u64,
+    /// Whether it is draining (shutting down: takes no new tunnels).
+    pub draining: bool,
+}
+
+/// What arrives on a fleet subscription ([`Store::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusEvent {
+    /// A message another node published.
+    Message(String),
+    /// The subscription was (re)established: messages may have been missed before it, so
+    /// state learnt from them must be reloaded from the store.
+    Resynced,
 }
 
 /// Everything the control plane persists. Methods taking `account_id` only ever see that
@@ -321,10 +364,77 @@ pub trait Store: Send + Sync + 'static {
     async fn expire_tunnels(&self, now: Millis) -> StoreResult<Vec<Tunnel>>;
     /// Deletes tunnels created at or before `created_before` (CLOSED or not); returns their ids.
     async fn purge_tunnels(&self, created_before: Millis) -> StoreResult<Vec<String>>;
-    /// Marks every side DISCONNECTED (at start: no relay connection survives a restart).
-    async fn reset_connections(&self, now: Millis) -> StoreResult<()>;
+    /// Marks DISCONNECTED every side of the tunnels owned by `node_id` or by no node (at a
+    /// node's start: no relay connection survives a restart).
+    async fn reset_connections(&self, node_id: String, now: Millis) -> StoreResult<()>;
     /// Applies connection events from the relay, in order.
     async fn apply_connection_events(&self, events: Vec<ConnectionEvent>) -> StoreResult<()>;
+
+    // Fleet: nodes, fleet-wide secrets, leases, ownership, device presence and the bus. A
+    // single node on SQLite uses the same calls: it is a fleet of one.
+
+    /// Inserts or replaces a node's row (at start and at every heartbeat).
+    async fn upsert_node(&self, node: NodeRecord) -> StoreResult<()>;
+    /// Every node ever registered, by node id.
+    async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>>;
+    /// The fleet-wide secret `name`: `proposed` if none was stored yet (first writer wins, also
+    /// under concurrent callers), else the stored one.
+    async fn fleet_secret(&self, name: String, proposed: Vec<u8>) -> StoreResult<Vec<u8>>;
+    /// Takes or renews the named lease for `holder` until `now + ttl_ms`; true when `holder`
+    /// holds it now. It is free when never taken or expired (`until < now`).
+    async fn try_lease(
+        &self,
+        name: String,
+        holder: String,
+        now: Millis,
+        ttl_ms: i64,
+    ) -> StoreResult<bool>;
+    /// OPEN tunnels per owner node (tunnels without an owner are not counted).
+    async fn open_tunnels_by_owner(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// Moves every OPEN tunnel owned by `from_node` to `to_nodes` (round robin, in tunnel
+    /// order), marking both sides DISCONNECTED at `now`; returns the moved tunnels as stored.
+    /// Atomic: two callers never move the same tunnel twice. No-op when `to_nodes` is empty.
+    async fn reassign_tunnels(
+        &self,
+        from_node: String,
+        to_nodes: Vec<String>,
+        now: Millis,
+    ) -> StoreResult<Vec<Tunnel>>;
+    /// Records that the device's channel is connected to `node_id` (a newer channel on any
+    /// node replaces the older record).
+    async fn set_device_channel(
+        &self,
+        product_key: String,
+        device_name: String,
+        node_id: String,
+        now: Millis,
+    ) -> StoreResult<()>;
+    /// Forgets the device's channel record, only if it is `node_id`'s.
+    async fn clear_device_channel(
+        &self,
+        product_key: String,
+        device_name: String,
+        node_id: String,
+    ) -> StoreResult<()>;
+    /// Forgets every channel record of `node_id` (at its start).
+    async fn clear_device_channels_of_node(&self, node_id: String) -> StoreResult<()>;
+    /// The node holding the device's channel, if any.
+    async fn device_channel_node(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<Option<String>>;
+    /// Device name -> node holding its channel, for every device of a product with a channel.
+    async fn device_channel_nodes(
+        &self,
+        product_key: String,
+    ) -> StoreResult<std::collections::HashMap<String, String>>;
+    /// Sends `payload` (at most 7,000 bytes) to every node's subscription, this one's included
+    /// where it has one. A store with no other nodes may drop it.
+    async fn publish(&self, payload: String) -> StoreResult<()>;
+    /// A subscription to what nodes publish, for a store shared by several nodes; `None` for
+    /// a store only one node can open (SQLite).
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<BusEvent>>;
 }
 
 impl Tunnel {

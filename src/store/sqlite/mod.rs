@@ -14,6 +14,8 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::seam::ConnectionEventKind;
 
+mod fleet;
+
 /// Most jobs committed together; bounds the latency a batch adds to its first job.
 const MAX_BATCH: usize = 512;
 
@@ -83,6 +85,41 @@ ALTER TABLE tunnels ADD COLUMN device_bytes_sent INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tunnels ADD COLUMN device_bytes_received INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tunnels ADD COLUMN client_bytes_sent INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tunnels ADD COLUMN client_bytes_received INTEGER NOT NULL DEFAULT 0;
+"#,
+    // Fleet mode: an owner per tunnel, the nodes, fleet-wide secrets, leases, device presence.
+    r#"
+ALTER TABLE tunnels ADD COLUMN owner_node TEXT NULL;
+CREATE INDEX tunnels_by_owner ON tunnels(owner_node, state);
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    relay_url TEXT NOT NULL,
+    api_url TEXT NOT NULL,
+    mesh_addr TEXT,
+    version TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL,
+    shards INTEGER NOT NULL,
+    open_tunnels INTEGER NOT NULL,
+    device_channels INTEGER NOT NULL,
+    draining INTEGER NOT NULL
+);
+CREATE TABLE fleet_secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until_ms INTEGER NOT NULL
+);
+CREATE TABLE device_channels (
+    product_key TEXT NOT NULL,
+    device_name TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    connected_at INTEGER NOT NULL,
+    PRIMARY KEY (product_key, device_name)
+);
+CREATE INDEX device_channels_by_node ON device_channels(node_id);
 "#,
 ];
 
@@ -258,7 +295,7 @@ const TUNNEL_COLUMNS: &str = "seq, id, account_id, product_key, device_name, cus
     client_token_hash, device_token_hash, device_token_seed, device_connected, \
     device_updated_at, device_rtt_us, device_srtt_us, device_addr, client_connected, \
     client_updated_at, client_rtt_us, client_srtt_us, client_addr, device_bytes_sent, \
-    device_bytes_received, client_bytes_sent, client_bytes_received";
+    device_bytes_received, client_bytes_sent, client_bytes_received, owner_node";
 
 fn hash32(v: Vec<u8>) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -303,6 +340,7 @@ fn tunnel_from_row(row: &Row<'_>) -> rusqlite::Result<Tunnel> {
         device_token_seed: hash32(row.get(15)?),
         device: peer_from_row(row, 16, 26)?,
         client: peer_from_row(row, 21, 28)?,
+        owner_node: row.get(30)?,
     })
 }
 
@@ -617,8 +655,8 @@ impl Store for SqliteStore {
             c.prepare_cached(
                 "INSERT INTO tunnels (id, account_id, product_key, device_name, custom_info, \
                  description, services, state, created_at, expires_at, client_token_hash, \
-                 device_token_hash, device_token_seed) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'OPEN', ?8, ?9, ?10, ?11, ?12)",
+                 device_token_hash, device_token_seed, owner_node) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'OPEN', ?8, ?9, ?10, ?11, ?12, ?13)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -634,6 +672,7 @@ impl Store for SqliteStore {
                     &t.client_token_hash[..],
                     &t.device_token_hash[..],
                     &t.device_token_seed[..],
+                    t.owner_node,
                 ])
             })
             .map_err(|e| {
@@ -662,6 +701,7 @@ impl Store for SqliteStore {
                 device_token_seed: t.device_token_seed,
                 device: PeerStatus::default(),
                 client: PeerStatus::default(),
+                owner_node: t.owner_node,
             })
         })
         .await
@@ -815,20 +855,20 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn reset_connections(&self, now: Millis) -> StoreResult<()> {
+    async fn reset_connections(&self, node_id: String, now: Millis) -> StoreResult<()> {
         self.call(move |c| {
-            exec(c,
-                "UPDATE tunnels SET device_connected = 0, device_updated_at = ?1 WHERE device_connected = 1",
-                params![now],
-            )
-            .and_then(|_| {
-                exec(c,
-                    "UPDATE tunnels SET client_connected = 0, client_updated_at = ?1 WHERE client_connected = 1",
-                    params![now],
+            for side in ["device", "client"] {
+                exec(
+                    c,
+                    &format!(
+                        "UPDATE tunnels SET {side}_connected = 0, {side}_updated_at = ?1 \
+                         WHERE {side}_connected = 1 AND (owner_node = ?2 OR owner_node IS NULL)"
+                    ),
+                    params![now, node_id],
                 )
-            })
-            .map(drop)
-            .map_err(backend)
+                .map_err(backend)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -872,5 +912,130 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn upsert_node(&self, node: NodeRecord) -> StoreResult<()> {
+        self.call(move |c| fleet::upsert_node(c, &node)).await
+    }
+
+    async fn list_nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        self.call(fleet::list_nodes).await
+    }
+
+    async fn fleet_secret(&self, name: String, proposed: Vec<u8>) -> StoreResult<Vec<u8>> {
+        self.call(move |c| fleet::fleet_secret(c, &name, &proposed))
+            .await
+    }
+
+    async fn try_lease(
+        &self,
+        name: String,
+        holder: String,
+        now: Millis,
+        ttl_ms: i64,
+    ) -> StoreResult<bool> {
+        self.call(move |c| fleet::try_lease(c, &name, &holder, now, ttl_ms))
+            .await
+    }
+
+    async fn open_tunnels_by_owner(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.call(fleet::open_tunnels_by_owner).await
+    }
+
+    async fn reassign_tunnels(
+        &self,
+        from_node: String,
+        to_nodes: Vec<String>,
+        now: Millis,
+    ) -> StoreResult<Vec<Tunnel>> {
+        self.call(move |c| fleet::reassign_tunnels(c, &from_node, &to_nodes, now))
+            .await
+    }
+
+    async fn set_device_channel(
+        &self,
+        product_key: String,
+        device_name: String,
+        node_id: String,
+        now: Millis,
+    ) -> StoreResult<()> {
+        self.call(move |c| {
+            exec(
+                c,
+                "INSERT OR REPLACE INTO device_channels (product_key, device_name, node_id, \
+                 connected_at) VALUES (?1, ?2, ?3, ?4)",
+                params![product_key, device_name, node_id, now],
+            )
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn clear_device_channel(
+        &self,
+        product_key: String,
+        device_name: String,
+        node_id: String,
+    ) -> StoreResult<()> {
+        self.call(move |c| {
+            exec(
+                c,
+                "DELETE FROM device_channels WHERE product_key = ?1 AND device_name = ?2 \
+                 AND node_id = ?3",
+                params![product_key, device_name, node_id],
+            )
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn clear_device_channels_of_node(&self, node_id: String) -> StoreResult<()> {
+        self.call(move |c| {
+            exec(
+                c,
+                "DELETE FROM device_channels WHERE node_id = ?1",
+                params![node_id],
+            )
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn device_channel_node(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<Option<String>> {
+        self.call(move |c| {
+            query_row(
+                c,
+                "SELECT node_id FROM device_channels WHERE product_key = ?1 AND device_name = ?2",
+                params![product_key, device_name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn device_channel_nodes(
+        &self,
+        product_key: String,
+    ) -> StoreResult<std::collections::HashMap<String, String>> {
+        self.call(move |c| fleet::device_channel_nodes(c, &product_key))
+            .await
+    }
+
+    async fn publish(&self, _payload: String) -> StoreResult<()> {
+        // Only one node can open a SQLite store: there is nobody to tell.
+        Ok(())
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<BusEvent>> {
+        None
     }
 }

@@ -1,0 +1,622 @@
+//! Fleet mode: this node among the others sharing one database.
+//!
+//! A single node on SQLite is a fleet of one and runs the same code; what changes with a shared
+//! store (PostgreSQL) is that the store's bus carries [`FleetMsg`]s between nodes:
+//! - every node indexes every OPEN tunnel's tokens, with its **owner** node, so whichever node a
+//!   peer reaches can check its token and, when that node is not the owner, forward it over the
+//!   mesh (the relay's business);
+//! - close, rotate and delete reach the owner (whose relay drops the peers) within the bus's
+//!   latency, a few milliseconds;
+//! - device notifications reach the node holding the device's channel;
+//! - a **leader** (a lease in the store) runs the lifecycle sweeper and re-places the OPEN
+//!   tunnels of dead nodes onto live ones, telling each device its new relay URL.
+//!
+//! Every node heartbeats into the `nodes` table; one silent for `node_dead_after_ms` is dead:
+//! its channels count as offline and its tunnels get new owners.
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::device_channel::ChannelMsg;
+use super::{ControlPlane, DeviceEvent};
+use crate::clock::Millis;
+use crate::seam::{CloseReason, MeshRoutes, RelayCommand, Side};
+use crate::store::{BusEvent, NodeRecord, Tunnel};
+use crate::token::SecretHash;
+
+/// The lease whose holder sweeps lifecycles and re-places dead nodes' tunnels.
+const LEADER_LEASE: &str = "leader";
+
+/// What one node tells the others (JSON on the store's bus).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FleetMsg {
+    /// A tunnel is OPEN with these tokens and this owner (created, or re-placed).
+    Index {
+        /// The node that sent it.
+        from: String,
+        /// The tunnel.
+        entry: IndexEntry,
+    },
+    /// A tunnel closed.
+    Close {
+        /// The node that sent it.
+        from: String,
+        /// The tunnel.
+        tunnel_id: String,
+        /// Why (`closed`, `expired`, `device_deleted`).
+        reason: String,
+    },
+    /// A tunnel was deleted.
+    Delete {
+        /// The node that sent it.
+        from: String,
+        /// The tunnel.
+        tunnel_id: String,
+    },
+    /// A side's token was replaced.
+    Rotate {
+        /// The node that sent it.
+        from: String,
+        /// The tunnel.
+        tunnel_id: String,
+        /// The side.
+        side: Side,
+        /// The new token's hash, hex.
+        hash: String,
+    },
+    /// A message for a device's channel, delivered by the node holding it.
+    Device {
+        /// The node that sent it.
+        from: String,
+        /// The device's product.
+        product_key: String,
+        /// The device.
+        device_name: String,
+        /// The JSON notification, or `None` for "the device was deleted".
+        text: Option<String>,
+    },
+    /// The device's channel connected to `from`: an older channel elsewhere is replaced.
+    Channel {
+        /// The node that sent it.
+        from: String,
+        /// The device's product.
+        product_key: String,
+        /// The device.
+        device_name: String,
+    },
+}
+
+impl FleetMsg {
+    fn from(&self) -> &str {
+        match self {
+            FleetMsg::Index { from, .. }
+            | FleetMsg::Close { from, .. }
+            | FleetMsg::Delete { from, .. }
+            | FleetMsg::Rotate { from, .. }
+            | FleetMsg::Device { from, .. }
+            | FleetMsg::Channel { from, .. } => from,
+        }
+    }
+}
+
+/// What the index needs of an OPEN tunnel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// The tunnel.
+    pub tunnel_id: String,
+    /// Its services.
+    pub services: Vec<String>,
+    /// When it expires.
+    pub expires_at: Millis,
+    /// The client token's hash, hex.
+    pub client_hash: String,
+    /// The device token's hash, hex.
+    pub device_hash: String,
+    /// The owner node.
+    pub owner_node: Option<String>,
+}
+
+impl IndexEntry {
+    /// The entry of a stored tunnel.
+    pub fn of(t: &Tunnel) -> Self {
+        Self {
+            tunnel_id: t.id.clone(),
+            services: t.services.clone(),
+            expires_at: t.expires_at,
+            client_hash: hex::encode(t.client_token_hash),
+            device_hash: hex::encode(t.device_token_hash),
+            owner_node: t.owner_node.clone(),
+        }
+    }
+}
+
+fn parse_hash(s: &str) -> Option<SecretHash> {
+    hex::decode(s).ok().and_then(|v| v.try_into().ok())
+}
+
+fn parse_reason(s: &str) -> CloseReason {
+    match s {
+        "expired" => CloseReason::Expired,
+        "device_deleted" => CloseReason::DeviceDeleted,
+        _ => CloseReason::Closed,
+    }
+}
+
+/// Whether a node is live at `now`.
+pub fn is_live(node: &NodeRecord, now: Millis, dead_after_ms: i64) -> bool {
+    now - node.heartbeat_at <= dead_after_ms
+}
+
+/// This node's place in the fleet.
+pub struct Fleet {
+    /// This node's id.
+    pub node_id: String,
+    /// Whether the store is shared with other nodes (PostgreSQL).
+    pub shared: bool,
+    /// Where each live node's mesh listener is, for the relay.
+    pub routes: Arc<MeshRoutes>,
+    /// This node's row, as last written.
+    me: Mutex<NodeRecord>,
+    /// Every node, as last read.
+    nodes: RwLock<Vec<NodeRecord>>,
+    /// Tunnels placed on each node since `nodes` was read (their counts lag until then).
+    placed: Mutex<HashMap<String, u64>>,
+    leader: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("node_id", &self.node_id)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// A fleet seen from `me`; `shared` when other nodes use the same store.
+    pub fn new(me: NodeRecord, shared: bool, routes: Arc<MeshRoutes>) -> Self {
+        Self {
+            node_id: me.node_id.clone(),
+            shared,
+            routes,
+            nodes: RwLock::new(vec![me.clone()]),
+            me: Mutex::new(me),
+            placed: Mutex::default(),
+            leader: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this node holds the leader lease (sweeps lifecycles, re-places tunnels).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node is draining (shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Every node as last read, by node id.
+    pub fn nodes(&self) -> Vec<NodeRecord> {
+        self.nodes.read().expect("nodes lock").clone()
+    }
+
+    /// Whether `node_id` is a node that heartbeated within the dead-after window at `now`.
+    pub fn node_is_live(&self, node_id: &str, now: Millis, dead_after_ms: i64) -> bool {
+        node_id == self.node_id
+            || self
+                .nodes
+                .read()
+                .expect("nodes lock")
+                .iter()
+                .any(|n| n.node_id == node_id && is_live(n, now, dead_after_ms))
+    }
+
+    /// The relay URL base (`scheme`, `host:port`) of a tunnel's owner; this node's for its own
+    /// tunnels, or when the owner is unknown.
+    pub fn relay_of(&self, owner: Option<&str>) -> Option<(String, String)> {
+        let owner = owner.filter(|o| *o != self.node_id)?;
+        let nodes = self.nodes.read().expect("nodes lock");
+        let node = nodes.iter().find(|n| n.node_id == owner)?;
+        let (scheme, host_port) = node.relay_url.split_once("://")?;
+        Some((scheme.to_string(), host_port.to_string()))
+    }
+
+    /// The owner for a new tunnel: the live node (not draining) owning the fewest OPEN tunnels,
+    /// this node on a tie or when no other is known.
+    pub fn place(&self, now: Millis, dead_after_ms: i64, own_open: u64) -> String {
+        if !self.shared {
+            return self.node_id.clone();
+        }
+        let nodes = self.nodes.read().expect("nodes lock");
+        let mut placed = self.placed.lock().expect("placed lock");
+        let load = |id: &str, reported: u64| reported + placed.get(id).copied().unwrap_or(0);
+        let mut best = (
+            if self.is_draining() {
+                u64::MAX
+            } else {
+                load(&self.node_id, own_open)
+            },
+            self.node_id.clone(),
+        );
+        for n in nodes.iter() {
+            if n.node_id == self.node_id || n.draining || !is_live(n, now, dead_after_ms) {
+                continue;
+            }
+            let l = load(&n.node_id, n.open_tunnels);
+            if l < best.0 {
+                best = (l, n.node_id.clone());
+            }
+        }
+        *placed.entry(best.1.clone()).or_default() += 1;
+        best.1
+    }
+
+    fn refresh(&self, nodes: Vec<NodeRecord>, now: Millis, dead_after_ms: i64) {
+        for n in &nodes {
+            let addr = n.mesh_addr.as_deref().and_then(resolve);
+            match addr {
+                Some(a) if n.node_id != self.node_id && is_live(n, now, dead_after_ms) => {
+                    self.routes.set(&n.node_id, a)
+                }
+                _ => self.routes.remove(&n.node_id),
+            }
+        }
+        *self.nodes.write().expect("nodes lock") = nodes;
+        self.placed.lock().expect("placed lock").clear();
+    }
+}
+
+fn resolve(host_port: &str) -> Option<SocketAddr> {
+    host_port.to_socket_addrs().ok()?.next()
+}
+
+impl ControlPlane {
+    /// Tells the other nodes (a no-op on a store of one node).
+    pub(super) async fn publish(&self, msg: FleetMsg) {
+        if !self.fleet.shared {
+            return;
+        }
+        let payload = match serde_json::to_string(&msg) {
+            Ok(p) => p,
+            Err(e) => return tracing::warn!(error = %e, "cannot encode a fleet message"),
+        };
+        if let Err(e) = self.store.publish(payload).await {
+            tracing::warn!(error = %e, "cannot publish a fleet message");
+        }
+    }
+
+    /// Applies a message from another node.
+    pub async fn apply_fleet_msg(&self, msg: FleetMsg) {
+        if msg.from() == self.fleet.node_id {
+            return;
+        }
+        match msg {
+            FleetMsg::Index { entry, .. } => self.index_entry(&entry),
+            FleetMsg::Close {
+                tunnel_id, reason, ..
+            } => {
+                self.index.close(&tunnel_id);
+                let _ = self.relay.send(RelayCommand::CloseTunnel {
+                    tunnel_id,
+                    reason: parse_reason(&reason),
+                });
+            }
+            FleetMsg::Delete { tunnel_id, .. } => {
+                self.index.remove(&tunnel_id);
+                let _ = self.relay.send(RelayCommand::CloseTunnel {
+                    tunnel_id,
+                    reason: CloseReason::Closed,
+                });
+            }
+            FleetMsg::Rotate {
+                tunnel_id,
+                side,
+                hash,
+                ..
+            } => {
+                if let Some(h) = parse_hash(&hash) {
+                    self.index.rotate(&tunnel_id, side, h);
+                }
+                let _ = self
+                    .relay
+                    .send(RelayCommand::DisconnectSide { tunnel_id, side });
+            }
+            FleetMsg::Device {
+                product_key,
+                device_name,
+                text,
+                ..
+            } => {
+                let msg = text.map_or(ChannelMsg::DeviceDeleted, ChannelMsg::Text);
+                self.channels.send(&product_key, &device_name, msg);
+            }
+            FleetMsg::Channel {
+                product_key,
+                device_name,
+                ..
+            } => self
+                .channels
+                .send(&product_key, &device_name, ChannelMsg::Replaced),
+        }
+    }
+
+    /// Indexes an OPEN tunnel as the bus or the store describes it.
+    pub fn index_entry(&self, e: &IndexEntry) {
+        let (Some(client), Some(device)) = (parse_hash(&e.client_hash), parse_hash(&e.device_hash))
+        else {
+            return tracing::warn!(tunnel_id = %e.tunnel_id, "fleet message with a bad token hash");
+        };
+        // A fleet of one owns everything, whatever node id is written.
+        let owner = e
+            .owner_node
+            .as_deref()
+            .filter(|o| self.fleet.shared && *o != self.fleet.node_id);
+        let was_here = self.index.is_owned_here(&e.tunnel_id);
+        self.index.insert(
+            &e.tunnel_id,
+            &e.services,
+            e.expires_at,
+            client,
+            device,
+            owner,
+        );
+        if was_here && owner.is_some() {
+            // Moved away (re-placed while this node was thought dead): our peers must go and
+            // reconnect, reaching the new owner.
+            let _ = self.relay.send(RelayCommand::Evict {
+                tunnel_id: e.tunnel_id.clone(),
+            });
+        }
+    }
+
+    /// Reloads the index from the store: after a gap in the bus, messages may have been lost.
+    pub async fn resync_index(&self) -> crate::store::StoreResult<()> {
+        let open = self.store.all_open_tunnels().await?;
+        let ids: std::collections::HashSet<&str> = open.iter().map(|t| t.id.as_str()).collect();
+        for id in self.index.open_ids() {
+            if !ids.contains(&*id) {
+                self.index.close(&id);
+            }
+        }
+        for t in &open {
+            self.index_tunnel(t);
+        }
+        Ok(())
+    }
+
+    /// This node's row now.
+    fn my_record(&self, now: Millis) -> NodeRecord {
+        let mut me = self.fleet.me.lock().expect("me lock");
+        me.heartbeat_at = now;
+        me.open_tunnels = self.index.owned_here() as u64;
+        me.device_channels = self.channels.connected() as u64;
+        me.draining = self.fleet.is_draining();
+        me.clone()
+    }
+
+    /// One heartbeat: writes this node's row, reads every node's, takes or renews the leader
+    /// lease, and as leader re-places the tunnels of dead nodes.
+    pub async fn heartbeat(&self) -> crate::store::StoreResult<()> {
+        let now = self.clock.now_ms();
+        let dead_after = self.settings.node_dead_after_ms as i64;
+        self.store.upsert_node(self.my_record(now)).await?;
+        let nodes = self.store.list_nodes().await?;
+        self.fleet.refresh(nodes, now, dead_after);
+        let leader = !self.fleet.is_draining()
+            && self
+                .store
+                .try_lease(
+                    LEADER_LEASE.into(),
+                    self.fleet.node_id.clone(),
+                    now,
+                    dead_after,
+                )
+                .await?;
+        if leader != self.fleet.leader.swap(leader, Ordering::Relaxed) {
+            tracing::info!(node_id = %self.fleet.node_id, leader, "fleet leadership changed");
+        }
+        if leader && self.fleet.shared {
+            self.replace_dead_owners(now, dead_after).await?;
+        }
+        Ok(())
+    }
+
+    /// Live nodes that take tunnels (not draining), this one included unless it drains.
+    fn placeable_nodes(&self, now: Millis, dead_after: i64) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .fleet
+            .nodes()
+            .into_iter()
+            .filter(|n| n.node_id != self.fleet.node_id)
+            .filter(|n| !n.draining && is_live(n, now, dead_after))
+            .map(|n| n.node_id)
+            .collect();
+        if !self.fleet.is_draining() {
+            out.push(self.fleet.node_id.clone());
+        }
+        out.sort();
+        out
+    }
+
+    async fn replace_dead_owners(
+        &self,
+        now: Millis,
+        dead_after: i64,
+    ) -> crate::store::StoreResult<()> {
+        let owners = self.store.open_tunnels_by_owner().await?;
+        let targets = self.placeable_nodes(now, dead_after);
+        for (owner, count) in owners {
+            if count == 0 || self.fleet.node_is_live(&owner, now, dead_after) {
+                continue;
+            }
+            tracing::warn!(dead_node = %owner, tunnels = count, "re-placing a dead node's tunnels");
+            self.move_tunnels(owner, targets.clone(), now).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves `from`'s OPEN tunnels to `to`, re-indexes them everywhere and tells each device
+    /// its new relay URL.
+    async fn move_tunnels(
+        &self,
+        from: String,
+        to: Vec<String>,
+        now: Millis,
+    ) -> crate::store::StoreResult<usize> {
+        let moved = self.store.reassign_tunnels(from.clone(), to, now).await?;
+        for t in &moved {
+            // Our own peers of a moved tunnel are evicted by `index_entry`.
+            self.index_tunnel(t);
+            self.publish(FleetMsg::Index {
+                from: self.fleet.node_id.clone(),
+                entry: IndexEntry::of(t),
+            })
+            .await;
+            self.notify(&t.product_key, &t.device_name, DeviceEvent::Connect(t))
+                .await;
+        }
+        if !moved.is_empty() {
+            tracing::info!(%from, tunnels = moved.len(), "tunnels re-placed");
+        }
+        Ok(moved.len())
+    }
+
+    /// Stops taking tunnels and hands this node's to the others (SIGTERM). Returns how many
+    /// moved; they stay here when no other node is live.
+    pub async fn drain(&self) -> usize {
+        if !self.fleet.shared {
+            return 0;
+        }
+        self.fleet.draining.store(true, Ordering::Relaxed);
+        if let Err(e) = self.heartbeat().await {
+            tracing::warn!(error = %e, "cannot announce draining");
+        }
+        let now = self.clock.now_ms();
+        let targets = self.placeable_nodes(now, self.settings.node_dead_after_ms as i64);
+        if targets.is_empty() {
+            tracing::warn!("no other live node: this node's tunnels wait for one");
+            return 0;
+        }
+        match self
+            .move_tunnels(self.fleet.node_id.clone(), targets, now)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand tunnels over");
+                0
+            }
+        }
+    }
+}
+
+/// Heartbeats every `heartbeat_interval_ms` until shutdown.
+pub async fn run_heartbeat(cp: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker =
+        tokio::time::interval(Duration::from_millis(cp.settings.heartbeat_interval_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(e) = cp.heartbeat().await {
+                    tracing::warn!(error = %e, "fleet heartbeat failed; will retry");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Applies what other nodes publish until shutdown.
+pub async fn run_bus(
+    cp: Arc<ControlPlane>,
+    mut rx: mpsc::UnboundedReceiver<BusEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut first = true;
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+            _ = shutdown.changed() => return,
+        };
+        match ev {
+            BusEvent::Message(payload) => match serde_json::from_str::<FleetMsg>(&payload) {
+                Ok(msg) => cp.apply_fleet_msg(msg).await,
+                Err(e) => tracing::warn!(error = %e, "ignored a malformed fleet message"),
+            },
+            // The first subscription precedes the index's load at start; later ones follow a
+            // gap in which messages may have been lost.
+            BusEvent::Resynced if first => first = false,
+            BusEvent::Resynced => {
+                tracing::info!("fleet bus reconnected; reloading the tunnel index");
+                if let Err(e) = cp.resync_index().await {
+                    tracing::warn!(error = %e, "cannot reload the tunnel index");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_json() {
+        let msg = FleetMsg::Rotate {
+            from: "n1".into(),
+            tunnel_id: "t".into(),
+            side: Side::Client,
+            hash: hex::encode([7u8; 32]),
+        };
+        let text = serde_json::to_string(&msg).unwrap();
+        assert!(text.contains(r#""op":"rotate""#), "{text}");
+        assert_eq!(serde_json::from_str::<FleetMsg>(&text).unwrap(), msg);
+    }
+
+    fn node(id: &str, beat: Millis, open: u64) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            relay_url: format!("wss://{id}:8443"),
+            api_url: format!("http://{id}:8080"),
+            mesh_addr: None,
+            version: "0".into(),
+            started_at: 0,
+            heartbeat_at: beat,
+            shards: 1,
+            open_tunnels: open,
+            device_channels: 0,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn placement_prefers_the_least_loaded_live_node() {
+        let fleet = Fleet::new(node("a", 0, 0), true, Arc::default());
+        fleet.refresh(
+            vec![node("a", 10_000, 5), node("b", 10_000, 2), node("c", 0, 0)],
+            10_000,
+            5_000,
+        );
+        // c is dead; b has fewest; placements count until the next refresh.
+        assert_eq!(fleet.place(10_000, 5_000, 5), "b");
+        assert_eq!(fleet.place(10_000, 5_000, 5), "b");
+        assert_eq!(fleet.place(10_000, 5_000, 5), "b");
+        assert_eq!(fleet.place(10_000, 5_000, 5), "a");
+        assert_eq!(
+            fleet.relay_of(Some("b")),
+            Some(("wss".into(), "b:8443".into()))
+        );
+        assert_eq!(fleet.relay_of(Some("a")), None);
+    }
+}

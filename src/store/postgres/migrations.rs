@@ -1,0 +1,159 @@
+//! The PostgreSQL schema, as numbered migrations recorded in `schema_migrations`.
+//!
+//! Every node migrates at connect. The migrations run under one session-level advisory lock, so
+//! nodes starting together queue up and each migration is applied exactly once; each one runs
+//! in its own transaction, so a failure leaves the schema at the previous version.
+use anyhow::Context;
+
+/// Key of the advisory lock held while migrating: "iotunnel" in ASCII, a fixed value every
+/// node agrees on.
+const MIGRATION_LOCK: i64 = 0x696f_7475_6e6e_656c;
+
+/// Schema migrations, applied in order; never edit one that has shipped, append a new one.
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    is_admin BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE api_keys (
+    key_hash BYTEA PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE products (
+    product_key TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX products_by_account ON products(account_id, created_at);
+CREATE TABLE devices (
+    product_key TEXT NOT NULL REFERENCES products(product_key),
+    name TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (product_key, name)
+);
+CREATE TABLE tunnels (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    product_key TEXT NOT NULL,
+    device_name TEXT NOT NULL,
+    custom_info TEXT,
+    description TEXT,
+    services TEXT[] NOT NULL,
+    state TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    closed_at BIGINT,
+    close_reason TEXT,
+    client_token_hash BYTEA NOT NULL,
+    device_token_hash BYTEA NOT NULL,
+    device_token_seed BYTEA NOT NULL,
+    device_connected BOOLEAN NOT NULL DEFAULT FALSE,
+    device_updated_at BIGINT,
+    device_rtt_us BIGINT,
+    device_srtt_us BIGINT,
+    device_addr TEXT,
+    client_connected BOOLEAN NOT NULL DEFAULT FALSE,
+    client_updated_at BIGINT,
+    client_rtt_us BIGINT,
+    client_srtt_us BIGINT,
+    client_addr TEXT,
+    device_bytes_sent BIGINT NOT NULL DEFAULT 0,
+    device_bytes_received BIGINT NOT NULL DEFAULT 0,
+    client_bytes_sent BIGINT NOT NULL DEFAULT 0,
+    client_bytes_received BIGINT NOT NULL DEFAULT 0,
+    owner_node TEXT
+);
+CREATE INDEX tunnels_by_account ON tunnels(account_id, seq);
+CREATE INDEX tunnels_by_device ON tunnels(product_key, device_name, state);
+CREATE INDEX tunnels_by_expiry ON tunnels(state, expires_at);
+CREATE INDEX tunnels_by_created ON tunnels(created_at);
+CREATE INDEX tunnels_by_owner ON tunnels(owner_node, state);
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    relay_url TEXT NOT NULL,
+    api_url TEXT NOT NULL,
+    mesh_addr TEXT,
+    version TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,
+    shards BIGINT NOT NULL,
+    open_tunnels BIGINT NOT NULL,
+    device_channels BIGINT NOT NULL,
+    draining BOOLEAN NOT NULL
+);
+CREATE TABLE fleet_secrets (
+    name TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until_ms BIGINT NOT NULL
+);
+CREATE TABLE device_channels (
+    product_key TEXT NOT NULL,
+    device_name TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    connected_at BIGINT NOT NULL,
+    PRIMARY KEY (product_key, device_name)
+);
+CREATE INDEX device_channels_by_node ON device_channels(node_id);
+"#];
+
+/// Brings the schema up to date on `client` (a connection of its own: the lock is the
+/// session's, and it is released with the connection if this node dies midway).
+pub(super) async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("cannot take the migration lock")?;
+    let applied = apply(client).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    applied?;
+    unlocked.context("cannot release the migration lock")?;
+    Ok(())
+}
+
+async fn apply(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\
+             version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .context("cannot create schema_migrations")?;
+    let row = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?;
+    let version = usize::try_from(row.try_get::<_, i32>(0)?).unwrap_or(0);
+    anyhow::ensure!(
+        version <= MIGRATIONS.len(),
+        "database schema version {version} is newer than this binary ({})",
+        MIGRATIONS.len()
+    );
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let version = i as i32 + 1;
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("migration {version} failed"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+            &[&version, &chrono::Utc::now().timestamp_millis()],
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
