@@ -65,7 +65,7 @@ fn via(url: &str, host_port: &str) -> String {
 /// Nodes on one database, and HAProxy in front of them once started.
 struct Fleet {
     /// HAProxy, once started.
-    _lb: Option<Proc>,
+    lb: Option<Proc>,
     nodes: Vec<Option<Proc>>,
     cmds: Vec<ServerCmd>,
     _db: TestDatabase,
@@ -96,7 +96,7 @@ impl Fleet {
             })
             .collect();
         Self {
-            _lb: None,
+            lb: None,
             nodes: (0..n).map(|_| None).collect(),
             cmds,
             _db: db,
@@ -206,8 +206,19 @@ impl Fleet {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self._lb = Some(proc);
+        self.lb = Some(proc);
         (relay, format!("http://{api}"))
+    }
+
+    /// Waits until HAProxy has taken node `i` (not started yet) out of both backends, so that
+    /// it sends nothing there.
+    async fn lb_marks_down(&self, i: usize) {
+        let lb = self.lb.as_ref().expect("HAProxy runs");
+        for backend in ["relays", "apis"] {
+            let server = format!("Server {backend}/node{} is DOWN", i + 1);
+            lb.wait_line(DEADLINE, &server, |l| l.contains(&server))
+                .await;
+        }
     }
 
     /// Polls `GET /v1/nodes` on node `on` until `ok` holds for its list (bounded).
@@ -537,6 +548,8 @@ async fn node_loss() {
     f.reserve(1);
     f.reserve(2);
     let (lb_relay, lb_api) = f.start_lb().await;
+    f.lb_marks_down(1).await;
+    f.lb_marks_down(2).await;
     let d = device_account(f.api(0), ADMIN_KEY).await;
     let agent = agent(&lb_api, &d, &[("SSH", echo_server().await)], &f.ca());
     wait_online(f.api(0), &d).await;
