@@ -116,7 +116,11 @@ impl Fleet {
 
     async fn start(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node {i} already runs");
-        self.nodes[i] = Some(self.cmds[i].start().await);
+        let started = self.cmds[i]
+            .start()
+            .await
+            .labelled(format!("node{}", i + 1));
+        self.nodes[i] = Some(started);
     }
 
     /// Fixes node `i`'s API and relay on free ports, so HAProxy can name them before it starts.
@@ -185,7 +189,7 @@ impl Fleet {
             cmd.env(format!("IOTUNNEL_NODE{}_API", i + 1), node_api)
                 .env(format!("IOTUNNEL_NODE{}_RELAY", i + 1), node_relay);
         }
-        let mut proc = Proc::spawn(cmd);
+        let mut proc = Proc::spawn(cmd).labelled("haproxy");
         let url = format!("http://{api}/healthz");
         let started = Instant::now();
         loop {
@@ -264,7 +268,7 @@ fn agent(api: &str, d: &DeviceAccount, services: &[(&str, SocketAddr)], ca: &Pat
     for (name, addr) in services {
         c.arg("--service").arg(format!("{name}={addr}"));
     }
-    Proc::spawn(c)
+    Proc::spawn(c).labelled("the device agent")
 }
 
 /// Waits (bounded) until the agent says `tunnel_id` is connected to the relay at `relay`.
@@ -297,7 +301,7 @@ async fn client_proc(
     for s in services {
         c.arg("--listen").arg(format!("{s}=127.0.0.1:0"));
     }
-    let p = Proc::spawn(c);
+    let p = Proc::spawn(c).labelled("the client");
     let mut addrs = Vec::new();
     for s in services {
         let line = p
@@ -598,7 +602,7 @@ async fn node_loss() {
     let node_id = node_id.trim().to_string();
     let lost_at = Instant::now();
     f.nodes[0].as_mut().unwrap().kill9().await;
-    let killed = f.nodes[0].take().unwrap();
+    let _killed = f.nodes[0].take();
 
     // Within 10 s every tunnel carries a new connection end to end.
     all_echo_by(
@@ -633,7 +637,6 @@ async fn node_loss() {
     .await;
 
     // Restarted on its data dir, the node rejoins under the same id.
-    drop(killed);
     f.start(0).await;
     f.nodes_until(1, "node 1 live again under its id", |n| {
         by_id(n, &node_id).is_some_and(|n| n["state"] == "live") && live(n).len() == 3
@@ -712,7 +715,7 @@ async fn sigterm_drains() {
     let victim_id = std::fs::read_to_string(f.cmds[victim].data_dir.join("node.id")).unwrap();
     let victim_id = victim_id.trim().to_string();
     f.nodes[victim].as_mut().unwrap().stop().await;
-    f.nodes[victim] = None;
+    let _drained = f.nodes[victim].take();
 
     // Its tunnels now belong to the survivors: counted there, dialed there by the agent.
     f.nodes_until(

@@ -137,6 +137,8 @@ pub struct Proc {
     pub relay_addr: String,
     /// The admin key this start printed, if any.
     pub admin_key: Option<String>,
+    /// When set, a test that panics prints this process's output under this name.
+    pub label: Option<String>,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     /// Bumped on every line, on either pipe.
@@ -173,6 +175,12 @@ impl Proc {
         Self::spawn_with_lines(cmd).0
     }
 
+    /// Names the process: a test that panics prints its output under that name.
+    pub fn labelled(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
     fn spawn_with_lines(mut cmd: Command) -> (Self, mpsc::UnboundedReceiver<String>) {
         let mut child = cmd
             .spawn()
@@ -198,6 +206,7 @@ impl Proc {
             api_base: String::new(),
             relay_addr: String::new(),
             admin_key: None,
+            label: None,
             stdout,
             stderr,
             lines_seen,
@@ -363,6 +372,9 @@ fn handles_sigterm(pid: u32) -> bool {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Some(label) = self.label.as_ref().filter(|_| std::thread::panicking()) {
+            eprintln!("----- output of {label} -----\n{}", self.output());
+        }
         // kill_on_drop would do it as well; this also covers a child whose handle was moved.
         let _ = self.child.start_kill();
     }
