@@ -388,7 +388,19 @@ pub async fn call(
     key: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
+    call_with(&reqwest::Client::new(), base, method, path, key, body).await
+}
+
+/// [`call`] on a given HTTP client (kept-alive connections).
+pub async fn call_with(
+    http: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = http.request(method, format!("{base}{path}"));
     if !key.is_empty() {
         req = req.bearer_auth(key);
     }
