@@ -6,6 +6,7 @@ pub mod agent;
 pub mod dashboard;
 pub mod peers;
 pub mod pg;
+pub mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,22 +167,7 @@ impl TestServer {
         key: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if !key.is_empty() {
-            req = req.bearer_auth(key);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        process::call_with(&self.http, &self.base, method, path, key, body).await
     }
 
     pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
