@@ -497,17 +497,6 @@ fn render_fleet(out: &mut String, cp: &ControlPlane) {
     );
     header(
         out,
-        "iotunnel_fleet_owned_tunnels",
-        "gauge",
-        "OPEN tunnels this node owns (both sides meet and are pumped here).",
-    );
-    let _ = writeln!(
-        out,
-        "iotunnel_fleet_owned_tunnels {}",
-        cp.index.owned_here()
-    );
-    header(
-        out,
         "iotunnel_fleet_leader",
         "gauge",
         "1 while this node leads the fleet (sweeps lifecycles, re-places dead nodes' tunnels).",
@@ -537,13 +526,18 @@ pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> 
         &mut out,
         "iotunnel_tunnels",
         "gauge",
-        "Tunnels known to the relay index, by state.",
+        "Tunnels this node owns, by state (closed: tokens still remembered). In a fleet each \
+         tunnel counts on its owner only, so sums over nodes are right.",
     );
-    let _ = writeln!(out, "iotunnel_tunnels{{state=\"open\"}} {}", cp.index.len());
+    let _ = writeln!(
+        out,
+        "iotunnel_tunnels{{state=\"open\"}} {}",
+        cp.index.owned_here()
+    );
     let _ = writeln!(
         out,
         "iotunnel_tunnels{{state=\"closed\"}} {}",
-        cp.index.closed_len()
+        cp.index.closed_here()
     );
     header(
         &mut out,

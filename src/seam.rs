@@ -121,6 +121,8 @@ pub struct TunnelIndex {
     closed_by_tunnel: DashMap<Arc<str>, Owned>,
     /// OPEN tunnels owned by each other node of the fleet, for placement.
     remote_load: DashMap<Arc<str>, usize>,
+    /// Closed tunnels (tokens remembered) that this node owned when they closed.
+    closed_here: AtomicUsize,
 }
 
 /// A tunnel's two token hashes (client, device), its owner shard, and its owner node when that
@@ -145,6 +147,7 @@ impl TunnelIndex {
             closed_tokens: DashMap::new(),
             closed_by_tunnel: DashMap::new(),
             remote_load: DashMap::new(),
+            closed_here: AtomicUsize::new(0),
         }
     }
 
@@ -263,7 +266,14 @@ impl TunnelIndex {
                 self.by_token.remove(&h);
                 self.closed_tokens.insert(h, ());
             }
-            self.closed_by_tunnel.insert(id, owned);
+            if owned.placed {
+                self.closed_here.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(prev) = self.closed_by_tunnel.insert(id, owned) {
+                if prev.placed {
+                    self.closed_here.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -271,6 +281,9 @@ impl TunnelIndex {
     pub fn remove(&self, tunnel_id: &str) {
         self.close(tunnel_id);
         if let Some((_, owned)) = self.closed_by_tunnel.remove(tunnel_id) {
+            if owned.placed {
+                self.closed_here.fetch_sub(1, Ordering::Relaxed);
+            }
             for h in owned.hashes {
                 self.closed_tokens.remove(&h);
             }
@@ -312,9 +325,9 @@ impl TunnelIndex {
         self.by_tunnel.len()
     }
 
-    /// The number of closed tunnels whose tokens are remembered.
-    pub fn closed_len(&self) -> usize {
-        self.closed_by_tunnel.len()
+    /// The closed tunnels whose tokens are remembered that this node owned when they closed.
+    pub fn closed_here(&self) -> usize {
+        self.closed_here.load(Ordering::Relaxed)
     }
 
     /// Whether no tunnel is indexed.

@@ -294,6 +294,21 @@ async fn one_leader_and_a_dead_nodes_tunnels_move_to_live_nodes() {
         .unwrap();
     assert_eq!(dead_row["state"], "dead", "{v}");
     assert_eq!(survivor.server().control.index.owned_here(), 4);
+    // Its metrics count what it owns now, and the fleet as it sees it.
+    let metrics = reqwest::get(format!("http://{}/metrics", survivor.server().metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "iotunnel_tunnels{state=\"open\"} 4",
+        "iotunnel_fleet_nodes{state=\"live\"} 1",
+        "iotunnel_fleet_nodes{state=\"dead\"} 1",
+        "iotunnel_fleet_leader 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
 }
 
 /// Ends a node as a crash would for the fleet: no drain, no goodbye.

@@ -391,7 +391,7 @@ fn every_panel_the_issue_asks_for_exists() {
         ("nodes live", "iotunnel_fleet_nodes", "state=\"live\""),
         (
             "owned tunnels per node",
-            "iotunnel_fleet_owned_tunnels",
+            "iotunnel_tunnels{",
             "by (instance)",
         ),
         ("peers per node", "iotunnel_peers_connected", "by (instance"),
