@@ -265,7 +265,7 @@ async fn one_leader_and_a_dead_nodes_tunnels_move_to_live_nodes() {
     // The survivor's next heartbeats carry the new time; the dead node's last one is stale.
     survivor.clock.advance_ms(1_000);
     wait_for(|| async { live_nodes(survivor).await == 1 }).await;
-    assert!(survivor.server().control.fleet.is_leader());
+    wait_for(|| async { survivor.server().control.fleet.is_leader() }).await;
 
     // Its tunnels are re-placed on the survivor, the device is told the new relay, and all
     // four stay OPEN.
@@ -307,7 +307,10 @@ async fn one_leader_and_a_dead_nodes_tunnels_move_to_live_nodes() {
         "iotunnel_fleet_nodes{state=\"dead\"} 1",
         "iotunnel_fleet_leader 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
     }
 }
 
