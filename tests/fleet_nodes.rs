@@ -87,6 +87,25 @@ async fn next_about(ch: &mut DeviceChannel, tunnel_id: &str) -> Value {
     }
 }
 
+/// An account, product and device `dev-1` made through `api`, with its channel on `channel`
+/// (online on `api` too): (API key, product key, channel).
+async fn device_on(api: &TestServer, channel: &TestServer) -> (String, String, DeviceChannel) {
+    let key = api.account("acme").await;
+    let product_key = api.product(&key).await;
+    let secret = api.device(&key, &product_key, "dev-1").await;
+    let ch = DeviceChannel::connect(channel, &product_key, "dev-1", &secret)
+        .await
+        .unwrap();
+    api.wait_online(&key, &product_key, "dev-1", true).await;
+    (key, product_key, ch)
+}
+
+/// The port of a create's `client_endpoint` (its owner's relay).
+fn endpoint_port(created: &Value) -> u16 {
+    let endpoint = created["client_endpoint"].as_str().unwrap();
+    endpoint.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
 async fn create(t: &TestServer, key: &str, product_key: &str) -> Value {
     let body = json!({ "product_key": product_key, "device_name": "dev-1" });
     let (s, v) = t.post("/v1/tunnels", key, body).await;
@@ -147,9 +166,9 @@ async fn any_node_serves_the_whole_api_and_reaches_the_device() {
     for _ in 0..3 {
         let v = create(a, &key, &product_key).await;
         let id = v["tunnel_id"].as_str().unwrap().to_string();
-        let endpoint = v["client_endpoint"].as_str().unwrap();
-        let port: u16 = endpoint.rsplit_once(':').unwrap().1.parse().unwrap();
+        let port = endpoint_port(&v);
         assert!(ports.contains(&port), "{v}");
+        let endpoint = v["client_endpoint"].as_str().unwrap();
         assert!(v["client_url"].as_str().unwrap().contains(endpoint), "{v}");
         owners.insert(port);
         let note = next_about(&mut ch, &id).await;
@@ -229,27 +248,12 @@ async fn one_leader_and_a_dead_nodes_tunnels_move_to_live_nodes() {
     };
     wait_for(|| async { leaders() == 1 }).await;
 
-    let key = nodes[0].account("acme").await;
-    let product_key = nodes[0].product(&key).await;
-    let secret = nodes[0].device(&key, &product_key, "dev-1").await;
-    let mut ch = DeviceChannel::connect(&nodes[1], &product_key, "dev-1", &secret)
-        .await
-        .unwrap();
-    nodes[0]
-        .wait_online(&key, &product_key, "dev-1", true)
-        .await;
+    let (key, product_key, mut ch) = device_on(&nodes[0], &nodes[1]).await;
     // Four tunnels: two on each node.
     let mut on = std::collections::BTreeMap::<u16, Vec<String>>::new();
     for _ in 0..4 {
         let v = create(&nodes[0], &key, &product_key).await;
-        let port: u16 = v["client_endpoint"]
-            .as_str()
-            .unwrap()
-            .rsplit_once(':')
-            .unwrap()
-            .1
-            .parse()
-            .unwrap();
+        let port = endpoint_port(&v);
         on.entry(port)
             .or_default()
             .push(v["tunnel_id"].as_str().unwrap().into());
@@ -324,15 +328,7 @@ async fn drop_without_drain(mut t: TestServer) {
 async fn a_draining_node_hands_its_tunnels_over_before_it_exits() {
     let db = TestDatabase::create().await;
     let mut nodes = fleet(&db, 2).await;
-    let key = nodes[0].account("acme").await;
-    let product_key = nodes[0].product(&key).await;
-    let secret = nodes[0].device(&key, &product_key, "dev-1").await;
-    let mut ch = DeviceChannel::connect(&nodes[1], &product_key, "dev-1", &secret)
-        .await
-        .unwrap();
-    nodes[0]
-        .wait_online(&key, &product_key, "dev-1", true)
-        .await;
+    let (key, product_key, mut ch) = device_on(&nodes[0], &nodes[1]).await;
     let leaving_endpoint = format!("localhost:{}", relay_port(&nodes[0]));
     let mut moved = std::collections::BTreeSet::new();
     for _ in 0..4 {
