@@ -213,3 +213,28 @@ pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_certificate_is_kept_until_the_ca_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = ensure_material(dir.path(), "relay.example").unwrap();
+        let first = fs::read_to_string(&paths.mesh_cert).unwrap();
+        let ca = fs::read_to_string(&paths.ca_cert).unwrap();
+        assert!(first.ends_with(&ca) && first.len() > ca.len());
+        ensure_material(dir.path(), "other.example").unwrap();
+        assert_eq!(fs::read_to_string(&paths.mesh_cert).unwrap(), first);
+
+        // A fleet's CA installed over the node's own: a new mesh certificate under it.
+        let (fleet_ca, fleet_key) = new_ca().unwrap();
+        install_ca(dir.path(), &fleet_ca, &fleet_key).unwrap();
+        ensure_material(dir.path(), "other.example").unwrap();
+        let second = fs::read_to_string(&paths.mesh_cert).unwrap();
+        assert_ne!(second, first);
+        assert!(second.ends_with(&fleet_ca));
+        crate::relay::MeshTls::load(&paths.ca_cert, &paths.mesh_cert, &paths.mesh_key).unwrap();
+    }
+}

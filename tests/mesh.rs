@@ -32,6 +32,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 on_both_drivers! {
     aws_v3_pairs_across_nodes;
+    the_mesh_carries_nothing_in_clear;
     plaintext_nodes_forward_too;
     aliyun_pairs_across_nodes;
     both_sides_forwarded_pair_on_the_owner;
@@ -327,6 +328,65 @@ async fn aws_v3_pairs_across_nodes(driver: IoDriver) {
         .await;
     assert!(out >= 2 * TOTAL as u64, "a carried {out} bytes out");
     assert!(inb >= 2 * TOTAL as u64, "b carried {inb} bytes in");
+}
+
+/// A tap between two mesh ports: forwards one connection from `listen` to `to`, recording
+/// what goes each way.
+async fn tap(listen: tokio::net::TcpListener, to: SocketAddr) -> (Vec<u8>, Vec<u8>) {
+    let (inbound, _) = listen.accept().await.unwrap();
+    let outbound = tokio::net::TcpStream::connect(to).await.unwrap();
+    let (mut in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    async fn copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> Vec<u8> {
+        let (mut seen, mut buf) = (Vec::new(), vec![0u8; 16 * 1024]);
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            seen.extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+        seen
+    }
+    tokio::join!(
+        copy(&mut in_read, &mut out_write),
+        copy(&mut out_read, &mut in_write),
+    )
+}
+
+/// The upgrade request, the preamble and the frames cross the mesh encrypted: a tap between
+/// the nodes sees TLS records and none of the token, the preamble or the payloads.
+async fn the_mesh_carries_nothing_in_clear(driver: IoDriver) {
+    let (_dir, a, b, tun) = fleet(driver).await;
+    let listen = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    a.routes.set("b", listen.local_addr().unwrap());
+    let tapped = tokio::spawn(tap(listen, b.mesh_addr));
+    let (mut device, mut client) = aws_pair(&b, &a, &tun).await;
+    exchange(&mut device, &mut client).await;
+    drop((device, client));
+    let (to_owner, from_owner) = within("the tapped link ends", tapped).await.unwrap();
+    // TLS handshake records (type 22, version 3.x) open both directions.
+    assert!(to_owner.starts_with(&[22, 3]) && from_owner.starts_with(&[22, 3]));
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for secret in [
+        tun.client.as_bytes(),
+        b"IOTUNNEL-MESH",
+        b"Upgrade",
+        b"to the device",
+        b"to the client",
+        b"SSH",
+    ] {
+        assert!(
+            !contains(&to_owner, secret),
+            "{:?} seen on the mesh",
+            String::from_utf8_lossy(secret)
+        );
+        assert!(
+            !contains(&from_owner, secret),
+            "{:?} seen on the mesh",
+            String::from_utf8_lossy(secret)
+        );
+    }
 }
 
 /// The same over plaintext relays (ws://): 1 MiB each way at once.
