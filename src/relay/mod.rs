@@ -239,7 +239,7 @@ impl RelayHandle {
             mesh::check_node_id(&mesh.identity.node_id)?;
         }
         if mesh_listener.is_some() && cfg.mesh.is_none() {
-            anyhow::bail!("a mesh listener needs a node id and a mesh key");
+            anyhow::bail!("a mesh listener needs a node id, a mesh key and the mesh TLS");
         }
         let mesh_addr = mesh_listener
             .as_ref()
