@@ -196,7 +196,8 @@ pub struct Knobs {
     /// This node's id [default: generated once and kept in {data-dir}/node.id].
     #[arg(long, env = "IOTUNNEL_NODE_ID")]
     pub node_id: Option<String>,
-    /// Mesh listener address: other nodes forward peers of this node's tunnels here
+    /// Mesh listener address: other nodes forward peers of this node's tunnels here, always
+    /// over TLS with the fleet CA ({data-dir}/tls/mesh.pem), even with --relay-plaintext
     /// [default: off].
     #[arg(long, env = "IOTUNNEL_MESH_ADDR")]
     pub mesh_addr: Option<SocketAddr>,

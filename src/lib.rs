@@ -15,8 +15,8 @@
 //! - **Owner**: the node where both sides of a tunnel meet and its frames are pumped (on one of
 //!   its shards), chosen at create and changed only when that node dies or drains.
 //! - **Mesh**: the node-to-node links over which a node that accepted a peer of another node's
-//!   tunnel forwards the connection to the owner, authenticated with the fleet's mesh key
-//!   ([`relay::mesh`]).
+//!   tunnel forwards the connection to the owner: TLS 1.3 mutually authenticated by the fleet
+//!   CA, and inside it a preamble signed with the fleet's mesh key ([`relay::mesh`]).
 //! - **Lease**: a named, expiring claim in the store that lets one node at a time run a
 //!   fleet-wide job.
 //! - **Leader**: the node holding the `leader` lease; it sweeps lifecycles and re-places the

@@ -129,7 +129,8 @@ async fn fleet_key(store: &dyn Store, name: &str) -> anyhow::Result<[u8; 32]> {
 }
 
 /// Installs the fleet's relay CA into the data dir (the first node creates it), so every
-/// node's relay certificate chains to the one `ca.pem` clients trust.
+/// node's relay certificate chains to the one `ca.pem` clients trust, and every node's mesh
+/// certificate to the one CA the mesh trusts.
 async fn install_fleet_ca(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Ca {
@@ -295,7 +296,8 @@ impl Server {
             load_token_key(&settings.data_dir)?
         };
         let mesh_key = fleet_key(store.as_ref(), "mesh_key").await?;
-        if shared && settings.tls_cert.is_none() {
+        // Even with the operator's own relay certificate: the mesh trusts the fleet CA only.
+        if shared {
             install_fleet_ca(store.as_ref(), &settings.data_dir)
                 .await
                 .context("cannot install the fleet's TLS CA")?;
@@ -308,9 +310,18 @@ impl Server {
             &tls_paths.server_key,
         )
         .context("cannot load the relay's TLS certificate")?;
+        let mesh_tls = crate::relay::MeshTls::load(
+            &tls_paths.ca_cert,
+            &tls_paths.mesh_cert,
+            &tls_paths.mesh_key,
+        )
+        .context("cannot load the mesh's TLS material")?;
         relay_cfg.mesh = Some(crate::relay::MeshConfig {
-            node_id: node_id.clone(),
-            key: mesh_key,
+            identity: crate::relay::MeshIdentity {
+                node_id: node_id.clone(),
+                key: mesh_key,
+            },
+            tls: mesh_tls,
         });
         let now = clock.now_ms();
         let new_admin_key = ensure_admin(store.as_ref(), &settings, now).await?;

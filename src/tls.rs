@@ -1,5 +1,10 @@
 //! TLS material for the relay: a self-signed CA and a server certificate it signs, generated
 //! into `{data-dir}/tls/` on first start. `ca.pem` is what clients and devices trust.
+//!
+//! The same CA (in a fleet, the fleet's CA from the database) also signs this node's mesh
+//! certificate, `mesh.pem`: its only name is [`MESH_SERVER_NAME`] and it serves both ends of
+//! a mesh link (the owner's listener and the forwarding node's client), so nodes verify each
+//! other by the CA alone, whatever addresses they advertise (see `relay::mesh`).
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -8,6 +13,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+
+/// The one server name of every node's mesh certificate, which forwarding nodes verify: the
+/// mesh trusts the fleet CA, not the addresses nodes advertise.
+pub const MESH_SERVER_NAME: &str = "iotunnel-mesh";
 
 /// Paths of the generated TLS files.
 #[derive(Debug, Clone)]
@@ -20,6 +29,10 @@ pub struct TlsPaths {
     pub server_cert: PathBuf,
     /// The relay's private key.
     pub server_key: PathBuf,
+    /// This node's mesh certificate chain (mesh certificate, then CA).
+    pub mesh_cert: PathBuf,
+    /// The mesh certificate's private key.
+    pub mesh_key: PathBuf,
     /// The SANs the server certificate was issued for, one per line.
     server_sans: PathBuf,
 }
@@ -33,13 +46,16 @@ impl TlsPaths {
             ca_key: dir.join("ca.key"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
+            mesh_cert: dir.join("mesh.pem"),
+            mesh_key: dir.join("mesh.key"),
             server_sans: dir.join("server.sans"),
         }
     }
 }
 
-/// Ensures the CA and a server certificate valid for localhost, 127.0.0.1 and `public_host`
-/// exist, generating what is missing. An existing CA is kept, so clients keep trusting it.
+/// Ensures the CA, a server certificate valid for localhost, 127.0.0.1 and `public_host`, and
+/// a mesh certificate exist, generating what is missing. An existing CA is kept, so clients
+/// keep trusting it.
 pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<TlsPaths> {
     let paths = TlsPaths::new(data_dir);
     let dir = paths.ca_cert.parent().expect("tls dir has a parent");
@@ -59,13 +75,15 @@ pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<Tls
     if !sans.iter().any(|s| s == public_host) {
         sans.push(public_host.to_string());
     }
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("cannot load tls/ca.pem")?;
+    ensure_mesh_cert(&paths, &ca_pem, &issuer)?;
+
     let wanted = sans.join("\n");
     let current = fs::read_to_string(&paths.server_sans).unwrap_or_default();
     if current == wanted && paths.server_cert.exists() && paths.server_key.exists() {
         return Ok(paths);
     }
 
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("cannot load tls/ca.pem")?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(sans)?;
     // A unique CN: localproxy and some TLS stacks reject a leaf whose CN equals its issuer's
@@ -90,6 +108,41 @@ pub fn ensure_material(data_dir: &Path, public_host: &str) -> anyhow::Result<Tls
     )?;
     write_atomic(&paths.server_sans, &wanted, 0o644)?;
     Ok(paths)
+}
+
+/// Issues the mesh certificate unless `mesh.pem` already chains to the CA `ca_pem` (a chain
+/// ends with its CA's PEM, so a new CA, like a fleet's installed over a node's own, re-issues).
+fn ensure_mesh_cert(
+    paths: &TlsPaths,
+    ca_pem: &str,
+    issuer: &Issuer<'_, KeyPair>,
+) -> anyhow::Result<()> {
+    let current = fs::read_to_string(&paths.mesh_cert).unwrap_or_default();
+    if current.ends_with(ca_pem) && paths.mesh_key.exists() {
+        return Ok(());
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![MESH_SERVER_NAME.to_string()])?;
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("iotunnel mesh {}", unique_suffix()),
+    );
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // One certificate for both ends of a mesh link.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_after = rcgen::date_time_ymd(2046, 1, 1);
+    let cert = params.signed_by(&key, issuer)?;
+    write_private(&paths.mesh_key, &key.serialize_pem())?;
+    write_atomic(
+        &paths.mesh_cert,
+        &format!("{}{}", cert.pem(), ca_pem),
+        0o644,
+    )?;
+    Ok(())
 }
 
 /// A new self-signed CA: its certificate and private key, PEM.
@@ -159,4 +212,29 @@ pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()
         fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_certificate_is_kept_until_the_ca_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = ensure_material(dir.path(), "relay.example").unwrap();
+        let first = fs::read_to_string(&paths.mesh_cert).unwrap();
+        let ca = fs::read_to_string(&paths.ca_cert).unwrap();
+        assert!(first.ends_with(&ca) && first.len() > ca.len());
+        ensure_material(dir.path(), "other.example").unwrap();
+        assert_eq!(fs::read_to_string(&paths.mesh_cert).unwrap(), first);
+
+        // A fleet's CA installed over the node's own: a new mesh certificate under it.
+        let (fleet_ca, fleet_key) = new_ca().unwrap();
+        install_ca(dir.path(), &fleet_ca, &fleet_key).unwrap();
+        ensure_material(dir.path(), "other.example").unwrap();
+        let second = fs::read_to_string(&paths.mesh_cert).unwrap();
+        assert_ne!(second, first);
+        assert!(second.ends_with(&fleet_ca));
+        crate::relay::MeshTls::load(&paths.ca_cert, &paths.mesh_cert, &paths.mesh_key).unwrap();
+    }
 }

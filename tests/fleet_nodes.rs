@@ -356,3 +356,43 @@ async fn a_draining_node_hands_its_tunnels_over_before_it_exits() {
         }
     }
 }
+
+/// A tunnel's peers may reach any node: both are forwarded to the owner over the mesh (TLS with
+/// the fleet CA from the database and each node's own mesh certificate, then the preamble) and
+/// pair there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_on_another_node_pair_on_the_owner_over_the_mesh() {
+    use common::peers::{data, open_tunnel, stream_start, Aws, AwsPeer, Mode, Relay};
+    use iotunnel::proto::aws::MessageType;
+    let db = TestDatabase::create().await;
+    let nodes = fleet(&db, 2).await;
+    let mut f = nodes[0].online_device().await;
+    let tunnel = open_tunnel(&nodes[0], &mut f, &["SSH"]).await;
+    let authority = tunnel.device_url.split('/').nth(2).unwrap();
+    let owner_port: u16 = authority.rsplit_once(':').unwrap().1.parse().unwrap();
+    let other = nodes.iter().find(|n| relay_port(n) != owner_port).unwrap();
+    let relay = Relay::of(other);
+    let mut device =
+        AwsPeer::connect(&relay, Mode::Destination, Aws::V3, &tunnel.device_token).await;
+    let mut client = AwsPeer::connect(&relay, Mode::Source, Aws::V3, &tunnel.client_token).await;
+    client.send(&stream_start(1, "SSH", 1)).await;
+    assert_eq!(
+        device.next_message().await.r#type,
+        MessageType::StreamStart as i32
+    );
+    client.send(&data(1, "", 1, b"across the mesh")).await;
+    assert_eq!(
+        device.next_message().await.payload.as_ref(),
+        b"across the mesh"
+    );
+    device.send(&data(1, "", 1, b"and back")).await;
+    assert_eq!(client.next_message().await.payload.as_ref(), b"and back");
+    // Both were forwarded (the other node does not pair them itself).
+    let url = format!("http://{}/metrics", other.server().metrics_addr);
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "iotunnel_mesh_forwards_total{result=\"ok\"} 2"),
+        "{text}"
+    );
+}

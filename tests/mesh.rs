@@ -1,7 +1,9 @@
 //! Two relays meshed in one process (nodes "a" and "b", each with its own index, routes and
-//! mesh listener, one fleet key): a peer that reaches the node that does not own its tunnel is
-//! forwarded to the owner and pairs there; hostile mesh input is refused and counted; an
-//! unreachable owner answers 503; the owner's refusals and closes reach forwarded peers.
+//! mesh listener, one fleet key, one fleet CA): a peer that reaches the node that does not own
+//! its tunnel is forwarded to the owner and pairs there; hostile mesh input (no TLS, a
+//! certificate from another CA or none, bad preambles inside the right TLS) is refused and
+//! counted; an unreachable owner, or one whose certificate is not the fleet's, answers 503;
+//! the owner's refusals and closes reach forwarded peers.
 //! Real sockets on 127.0.0.1:0; every scenario on both io drivers.
 #[macro_use]
 mod common;
@@ -15,22 +17,28 @@ use futures_util::{SinkExt, StreamExt};
 use iotunnel::clock::{Clock, SystemClock};
 use iotunnel::config::IoDriver;
 use iotunnel::proto::aws::MessageType;
-use iotunnel::relay::mesh::{encode_preamble, MAX_SKEW_MS};
+use iotunnel::relay::mesh::{encode_preamble, MAX_SKEW_MS, SERVER_NAME};
 use iotunnel::relay::stats::{MeshDirection, StatsSnapshot};
-use iotunnel::relay::{bind_listeners, MeshConfig, RelayConfig, RelayHandle};
+use iotunnel::relay::{
+    bind_listeners, MeshConfig, MeshIdentity, MeshTls, RelayConfig, RelayHandle,
+};
 use iotunnel::seam::{CloseReason, DataPlaneSeam, MeshRoutes, RelayCommand, TunnelIndex};
 use iotunnel::token;
+use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 on_both_drivers! {
     aws_v3_pairs_across_nodes;
+    the_mesh_carries_nothing_in_clear;
     plaintext_nodes_forward_too;
     aliyun_pairs_across_nodes;
     both_sides_forwarded_pair_on_the_owner;
     hostile_mesh_input_is_refused_and_counted;
+    the_mesh_requires_the_fleet_tls;
+    an_owner_outside_the_fleet_ca_is_unreachable;
     unreachable_owner_answers_503;
     owner_refusals_reach_the_peer_unchanged;
     closing_on_the_owner_ends_the_forwarded_peer;
@@ -69,8 +77,11 @@ impl Node {
             // Long enough that the late-index test below cannot lose its race on a busy machine.
             unknown_token_grace: Duration::from_secs(5),
             mesh: Some(MeshConfig {
-                node_id: node_id.into(),
-                key: KEY,
+                identity: MeshIdentity {
+                    node_id: node_id.into(),
+                    key: KEY,
+                },
+                tls: mesh_tls(dir, dir),
             }),
         };
         let index = Arc::new(TunnelIndex::new(2));
@@ -150,6 +161,15 @@ impl Drop for Node {
             relay.shutdown();
         }
     }
+}
+
+/// Mesh TLS trusting the CA of `trust` (a data dir) with the mesh certificate of `own`.
+fn mesh_tls(trust: &std::path::Path, own: &std::path::Path) -> MeshTls {
+    let (trust, own) = (
+        iotunnel::tls::ensure_material(trust, "localhost").unwrap(),
+        iotunnel::tls::ensure_material(own, "localhost").unwrap(),
+    );
+    MeshTls::load(&trust.ca_cert, &own.mesh_cert, &own.mesh_key).unwrap()
 }
 
 /// A tunnel id and its two tokens.
@@ -313,6 +333,65 @@ async fn aws_v3_pairs_across_nodes(driver: IoDriver) {
     assert!(inb >= 2 * TOTAL as u64, "b carried {inb} bytes in");
 }
 
+/// A tap between two mesh ports: forwards one connection from `listen` to `to`, recording
+/// what goes each way.
+async fn tap(listen: tokio::net::TcpListener, to: SocketAddr) -> (Vec<u8>, Vec<u8>) {
+    let (inbound, _) = listen.accept().await.unwrap();
+    let outbound = tokio::net::TcpStream::connect(to).await.unwrap();
+    let (mut in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    async fn copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> Vec<u8> {
+        let (mut seen, mut buf) = (Vec::new(), vec![0u8; 16 * 1024]);
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            seen.extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+        seen
+    }
+    tokio::join!(
+        copy(&mut in_read, &mut out_write),
+        copy(&mut out_read, &mut in_write),
+    )
+}
+
+/// The upgrade request, the preamble and the frames cross the mesh encrypted: a tap between
+/// the nodes sees TLS records and none of the token, the preamble or the payloads.
+async fn the_mesh_carries_nothing_in_clear(driver: IoDriver) {
+    let (_dir, a, b, tun) = fleet(driver).await;
+    let listen = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    a.routes.set("b", listen.local_addr().unwrap());
+    let tapped = tokio::spawn(tap(listen, b.mesh_addr));
+    let (mut device, mut client) = aws_pair(&b, &a, &tun).await;
+    exchange(&mut device, &mut client).await;
+    drop((device, client));
+    let (to_owner, from_owner) = within("the tapped link ends", tapped).await.unwrap();
+    // TLS handshake records (type 22, version 3.x) open both directions.
+    assert!(to_owner.starts_with(&[22, 3]) && from_owner.starts_with(&[22, 3]));
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for secret in [
+        tun.client.as_bytes(),
+        b"IOTUNNEL-MESH",
+        b"Upgrade",
+        b"to the device",
+        b"to the client",
+        b"SSH",
+    ] {
+        assert!(
+            !contains(&to_owner, secret),
+            "{:?} seen on the mesh",
+            String::from_utf8_lossy(secret)
+        );
+        assert!(
+            !contains(&from_owner, secret),
+            "{:?} seen on the mesh",
+            String::from_utf8_lossy(secret)
+        );
+    }
+}
+
 /// The same over plaintext relays (ws://): 1 MiB each way at once.
 async fn plaintext_nodes_forward_too(driver: IoDriver) {
     const TOTAL: usize = 1 << 20;
@@ -363,10 +442,10 @@ async fn both_sides_forwarded_pair_on_the_owner(driver: IoDriver) {
         .await;
 }
 
-/// Sends `bytes` straight to b's mesh port; the connection must end with nothing answered.
-async fn refused_by_mesh(b: &Node, bytes: &[u8]) {
-    let mut s = tokio::net::TcpStream::connect(b.mesh_addr).await.unwrap();
+/// Reads what `s` answers until it ends; it must be no application data.
+async fn hangs_up_unanswered(mut s: impl AsyncRead + AsyncWrite + Unpin, bytes: &[u8]) {
     let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
     let mut got = Vec::new();
     let _ = within("the mesh port hangs up", s.read_to_end(&mut got)).await;
     assert!(
@@ -376,14 +455,54 @@ async fn refused_by_mesh(b: &Node, bytes: &[u8]) {
     );
 }
 
-/// Wrong key, wrong node, stale clock, bad preambles, garbage, a replay: each closed and
-/// counted as `mesh_auth`; b keeps serving.
+/// Sends `bytes` straight to b's mesh port, no TLS: the connection must end with nothing
+/// answered but, at most, a TLS alert.
+async fn refused_without_tls(b: &Node, bytes: &[u8]) {
+    let mut s = tokio::net::TcpStream::connect(b.mesh_addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut got = Vec::new();
+    let _ = within("the mesh port hangs up", s.read_to_end(&mut got)).await;
+    // A TLS record: content type 21 (alert), version 3.x.
+    assert!(
+        got.is_empty() || got.starts_with(&[21, 3]),
+        "the mesh answered {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// A TLS 1.3 link to b's mesh port with `config` (verifying b as the mesh's server name).
+async fn mesh_link(
+    b: &Node,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(b.mesh_addr).await.unwrap();
+    let name = ServerName::try_from(SERVER_NAME).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    within("the mesh TLS handshake", connector.connect(name, tcp)).await
+}
+
+/// Sends `bytes` over a mesh link made with `config`: refused during the handshake, or the
+/// link ends with nothing answered.
+async fn refused_over_tls(b: &Node, config: &Arc<rustls::ClientConfig>, bytes: &[u8]) {
+    if let Ok(s) = mesh_link(b, config.clone()).await {
+        hangs_up_unanswered(s, bytes).await;
+    }
+}
+
+/// b's mesh-TLS handshake failures.
+fn mesh_tls_failures(s: &StatsSnapshot) -> u64 {
+    s.handshake_failures.get("mesh_tls").copied().unwrap_or(0)
+}
+
+/// Inside the fleet's TLS: wrong key, wrong node, stale clock, bad preambles, garbage, a replay:
+/// each closed and counted as `mesh_auth`; b keeps serving.
 async fn hostile_mesh_input_is_refused_and_counted(driver: IoDriver) {
-    let (_dir, a, b, tun) = fleet(driver).await;
+    let (dir, a, b, tun) = fleet(driver).await;
+    let fleet_tls = mesh_tls(dir.path(), dir.path()).client;
     let peer: SocketAddr = "127.0.0.9:4000".parse().unwrap();
     let request = upgrade_request(Mode::Source.path(), &aws_headers(Aws::V3, &tun.client));
     let now = SystemClock.now_ms();
-    let cfg = |node: &str, key| MeshConfig {
+    let cfg = |node: &str, key| MeshIdentity {
         node_id: node.into(),
         key,
     };
@@ -414,25 +533,88 @@ async fn hostile_mesh_input_is_refused_and_counted(driver: IoDriver) {
         (0..=255u8).cycle().take(4096).collect(),
     ];
     for bytes in &hostile {
-        refused_by_mesh(&b, bytes).await;
+        let s = mesh_link(&b, fleet_tls.clone())
+            .await
+            .expect("the fleet's certificate is accepted");
+        hangs_up_unanswered(s, bytes).await;
     }
     // A valid preamble is answered (here: a 101 for the client), its replay is not.
     let valid = with(encode_preamble(&cfg("a", KEY), "b", now, nonce(), peer));
-    let mut s = tokio::net::TcpStream::connect(b.mesh_addr).await.unwrap();
+    let mut s = mesh_link(&b, fleet_tls.clone()).await.unwrap();
     s.write_all(&valid).await.unwrap();
     let mut head = [0u8; 12];
     within("the owner answers", s.read_exact(&mut head))
         .await
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
-    refused_by_mesh(&b, &valid).await;
+    let replay = mesh_link(&b, fleet_tls.clone()).await.unwrap();
+    hangs_up_unanswered(replay, &valid).await;
     b.wait_stat("mesh_auth failures", hostile.len() as u64 + 1, |s| {
         s.handshake_failures.get("mesh_auth").copied().unwrap_or(0)
     })
     .await;
+    assert_eq!(b.stat(mesh_tls_failures).await, 0);
     drop(s);
     let (mut device, mut client) = aws_pair(&b, &a, &tun).await;
     exchange(&mut device, &mut client).await;
+}
+
+/// Without the fleet's TLS nothing reaches the preamble check: plaintext (the right preamble
+/// in clear, garbage), a certificate from another CA with the right key, no certificate at
+/// all. Each is closed and counted as `mesh_tls`; b keeps serving.
+async fn the_mesh_requires_the_fleet_tls(driver: IoDriver) {
+    let (dir, a, b, tun) = fleet(driver).await;
+    let peer: SocketAddr = "127.0.0.9:4000".parse().unwrap();
+    let request = upgrade_request(Mode::Source.path(), &aws_headers(Aws::V3, &tun.client));
+    let identity = MeshIdentity {
+        node_id: "a".into(),
+        key: KEY,
+    };
+    let preamble = |now| encode_preamble(&identity, "b", now, token::random_bytes(), peer);
+    let signed = |now| [preamble(now).as_bytes(), &request].concat();
+
+    refused_without_tls(&b, &signed(SystemClock.now_ms())).await;
+    refused_without_tls(&b, &(0..=255u8).cycle().take(4096).collect::<Vec<_>>()).await;
+    refused_without_tls(&b, b"\x16\x03\x01\x00\x05hello").await;
+
+    // Another fleet's CA: its mesh certificate trusts b's CA (so the client side completes)
+    // but b does not trust it.
+    let other = tempfile::tempdir().unwrap();
+    let outsider = mesh_tls(dir.path(), other.path()).client;
+    refused_over_tls(&b, &outsider, &signed(SystemClock.now_ms())).await;
+
+    let ca = iotunnel::tls::ensure_material(dir.path(), "localhost").unwrap();
+    let anonymous = tls_config(&ca.ca_cert, &[&rustls::version::TLS13]);
+    refused_over_tls(&b, &anonymous, &signed(SystemClock.now_ms())).await;
+
+    b.wait_stat("mesh_tls failures", 5, mesh_tls_failures).await;
+    assert_eq!(
+        b.stat(|s| s.handshake_failures.get("mesh_auth").copied().unwrap_or(0))
+            .await,
+        0,
+        "no preamble was read outside the fleet's TLS"
+    );
+    assert_eq!(b.stat(|s| s.peers[0] + s.peers[1]).await, 0);
+    let (mut device, mut client) = aws_pair(&b, &a, &tun).await;
+    exchange(&mut device, &mut client).await;
+}
+
+/// A forwarding node verifies the owner: an owner whose mesh certificate is from another CA
+/// is never sent the request (503 on the peer), and counts the refused link as `mesh_tls`.
+async fn an_owner_outside_the_fleet_ca_is_unreachable(driver: IoDriver) {
+    let (_dir, a, _b, _) = fleet(driver).await;
+    let other = tempfile::tempdir().unwrap();
+    let stranger = Node::start(driver, "c", other.path(), false).await;
+    a.routes.set("c", stranger.mesh_addr);
+    let tun = Tun::new();
+    a.index(&tun, Some("c"));
+    stranger.index(&tun, None);
+    assert_eq!(refusal_code(&a.peers, &tun, 503).await, "owner_unreachable");
+    assert_eq!(a.stat(|s| s.mesh_forwards[1]).await, 1);
+    stranger
+        .wait_stat("c refused a's certificate", 1, mesh_tls_failures)
+        .await;
+    assert_eq!(stranger.stat(|s| s.peers[0] + s.peers[1]).await, 0);
 }
 
 /// The peer's request, refused: the body's error code.

@@ -102,6 +102,7 @@ async fn every_series_exists_from_start_up() {
         "iotunnel_handshake_failures_total{reason=\"timeout\"}",
         "iotunnel_shard_tunnels{shard=\"0\"}",
         "iotunnel_handshake_failures_total{reason=\"mesh_auth\"}",
+        "iotunnel_handshake_failures_total{reason=\"mesh_tls\"}",
         "iotunnel_handshake_failures_total{reason=\"owner_unreachable\"}",
         "iotunnel_mesh_forwards_total{result=\"ok\"}",
         "iotunnel_mesh_forwards_total{result=\"unreachable\"}",

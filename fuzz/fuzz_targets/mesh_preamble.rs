@@ -2,11 +2,11 @@
 //! was not signed with the key.
 #![no_main]
 
-use iotunnel::relay::mesh::{self, MeshConfig};
+use iotunnel::relay::mesh::{self, MeshIdentity};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let cfg = MeshConfig {
+    let cfg = MeshIdentity {
         node_id: "b".into(),
         key: [7; 32],
     };

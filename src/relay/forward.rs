@@ -1,25 +1,34 @@
 //! Forwarding a peer to its tunnel's owner node over the mesh (wire format in [`super::mesh`]).
 //!
 //! The peer's upgrade request passed every check here but the family lock; no 101 was written.
-//! We connect to the owner's mesh address, send the preamble, the request and whatever the peer
-//! sent after it, then splice bytes both ways: the owner answers the upgrade and pumps frames
-//! as for any peer, and its answer reaches the peer unchanged (through our TLS session).
+//! We connect to the owner's mesh address, run the mesh TLS handshake (our mesh certificate for
+//! the owner, the owner's verified against the fleet CA), send the preamble, the request and
+//! whatever the peer sent after it, then splice bytes both ways: the owner answers the upgrade
+//! and pumps frames as for any peer, and its answer reaches the peer unchanged (through our TLS
+//! session with the peer, when there is one).
 //!
 //! Two tasks on this shard, one per direction, each the only reader of one socket and the only
-//! writer of the other, so no read is ever dropped in flight (STYLE rule 11). The TLS session is
-//! shared through `Rc<RefCell<..>>`, borrowed only between awaits: the peer->mesh task only
-//! decrypts; records the session wants to send (key updates) go out with the next seal of the
-//! mesh->peer task, in order. Each task holds a half of both sockets, so both fds stay open
-//! while either task runs and `shutdown` on them is always safe. Buffers are bounded (one read
-//! each way in flight), so a slow side stops the other from reading: backpressure, no queue.
+//! writer of the other, so no read is ever dropped in flight (STYLE rule 11). Each TLS session
+//! (the peer's, the mesh link's) is shared through `Rc<RefCell<..>>`, borrowed only between
+//! awaits: a task only decrypts with the session of the socket it reads and only encrypts with
+//! the session of the socket it writes; records a session wants to send after decrypting (key
+//! updates) go out, in order, with the next seal of the other task. Each task holds a half of
+//! both sockets, so both fds stay open while either task runs and `shutdown` on them is always
+//! safe. Buffers are bounded (one read each way in flight, its plaintext, its ciphertext), so a
+//! slow side stops the other from reading: backpressure, no queue.
 use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::BytesMut;
+use monoio::buf::IoBuf;
 use monoio::io::Splitable;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
+use rustls::pki_types::ServerName;
 
 use super::pump::Tls;
 use super::stats::MeshDirection;
@@ -34,16 +43,28 @@ const SPLICE_READ: usize = CIPHER_READ;
 /// otherwise hold both sockets once the owner has gone.
 const STALLED_PINGS: u32 = 4;
 
+/// The mesh link's TLS session, shared by both tasks.
+type MeshSession = Rc<RefCell<rustls::ClientConnection>>;
+
+/// A mesh link to the owner, past its handshake and first flight.
+struct MeshLink {
+    stream: TcpStream,
+    tls: rustls::ClientConnection,
+    /// Plaintext the owner sent with its handshake flight (none in practice: it speaks only
+    /// once it has read the request), carried so that no byte is lost (STYLE rule 10).
+    early: BytesMut,
+}
+
 /// Forwards `conn` (whose request `head` was read and checked) to `owner_node`; answers the
 /// peer `503 owner_unreachable` when the owner cannot be reached.
 pub(super) async fn forward(mut conn: Conn, owner_node: &str, head: BytesMut, ctx: Rc<ShardCtx>) {
     let mesh = match connect(&conn, owner_node, head, &ctx).await {
-        Some(mesh) => mesh,
-        None => {
+        Ok(mesh) => mesh,
+        Err(e) => {
             ctx.stats.mesh_forward(false);
             ctx.stats
                 .handshake_failed(Refusal::OwnerUnreachable.label());
-            tracing::warn!(owner_node, peer = %conn.peer, "tunnel owner unreachable over the mesh");
+            tracing::warn!(owner_node, peer = %conn.peer, error = %e, "tunnel owner unreachable over the mesh");
             let answer = upgrade::refuse::<()>(&mut conn, Refusal::OwnerUnreachable);
             let _ = monoio::time::timeout(ctx.cfg.handshake_timeout, answer).await;
             return;
@@ -53,17 +74,25 @@ pub(super) async fn forward(mut conn: Conn, owner_node: &str, head: BytesMut, ct
     splice(conn, mesh, ctx).await;
 }
 
-/// Connects to the owner and sends the preamble, the request and the bytes after it.
+/// Connects to the owner, runs the mesh TLS handshake and sends the preamble, the request and
+/// the bytes after it, all within the handshake timeout.
 async fn connect(
     conn: &Conn,
     owner_node: &str,
     head: BytesMut,
     ctx: &ShardCtx,
-) -> Option<TcpStream> {
-    let cfg = ctx.cfg.mesh.as_ref()?;
-    let addr = ctx.routes.get(owner_node)?;
+) -> io::Result<MeshLink> {
+    let cfg = ctx
+        .cfg
+        .mesh
+        .as_ref()
+        .ok_or_else(|| io::Error::other("no mesh"))?;
+    let addr = ctx
+        .routes
+        .get(owner_node)
+        .ok_or_else(|| io::Error::other("no mesh address for the owner"))?;
     let preamble = mesh::encode_preamble(
-        cfg,
+        &cfg.identity,
         owner_node,
         ctx.clock.now_ms(),
         token::random_bytes(),
@@ -73,16 +102,55 @@ async fn connect(
     first.extend_from_slice(preamble.as_bytes());
     first.extend_from_slice(&head);
     first.extend_from_slice(&conn.buffered);
-    let dial = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let _ = stream.set_nodelay(true);
-        let (res, _) = stream.write_all(first).await;
-        res.ok().map(|_| stream)
-    };
-    monoio::time::timeout(ctx.cfg.handshake_timeout, dial)
+    let session = rustls::ClientConnection::new(
+        cfg.tls.client.clone(),
+        ServerName::try_from(mesh::SERVER_NAME).expect("a valid DNS name"),
+    )
+    .map_err(io::Error::other)?;
+    monoio::time::timeout(ctx.cfg.handshake_timeout, dial(addr, session, first))
         .await
-        .ok()
-        .flatten()
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+/// The TCP connection and TLS handshake to `addr`, then `first` (sent with the client's last
+/// handshake flight: one round trip for TLS 1.3).
+async fn dial(
+    addr: SocketAddr,
+    mut tls: rustls::ClientConnection,
+    first: Vec<u8>,
+) -> io::Result<MeshLink> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let mut early = BytesMut::new();
+    let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(SPLICE_READ);
+    while tls.is_handshaking() {
+        super::tls::seal(&mut tls, &[], &mut out)?;
+        if !out.is_empty() {
+            let (res, o) = stream.write_all(std::mem::take(&mut out)).await;
+            out = o;
+            out.clear();
+            res?;
+        }
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        let n = match res? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => n,
+        };
+        if let Err(e) = super::tls::absorb(&mut tls, &buf[..n], &mut early) {
+            // Tell the owner why (rustls queued the alert), as far as it listens.
+            if super::tls::seal(&mut tls, &[], &mut out).is_ok() && !out.is_empty() {
+                let _ = stream.write_all(out).await;
+            }
+            return Err(e);
+        }
+        buf.clear();
+    }
+    super::tls::seal(&mut tls, &first, &mut out)?;
+    let (res, _) = stream.write_all(out).await;
+    res?;
+    Ok(MeshLink { stream, tls, early })
 }
 
 /// Keeps the outbound gauge up while a forward runs.
@@ -116,13 +184,19 @@ impl Fds {
     }
 }
 
-async fn splice(conn: Conn, mesh: TcpStream, ctx: Rc<ShardCtx>) {
+async fn splice(conn: Conn, mesh: MeshLink, ctx: Rc<ShardCtx>) {
     let Conn { stream, tls, .. } = conn;
+    let MeshLink {
+        stream: mesh,
+        tls: mesh_tls,
+        early,
+    } = mesh;
     let fds = Fds {
         peer: stream.as_raw_fd(),
         mesh: mesh.as_raw_fd(),
     };
     let tls = tls.map(|b| Rc::new(RefCell::new(*b)));
+    let mesh_tls = Rc::new(RefCell::new(mesh_tls));
     let open = OpenForward::new(ctx.clone());
     let (peer_read, peer_write) = stream.into_split();
     let (mesh_read, mesh_write) = mesh.into_split();
@@ -130,25 +204,34 @@ async fn splice(conn: Conn, mesh: TcpStream, ctx: Rc<ShardCtx>) {
         peer_read,
         mesh_write,
         tls.clone(),
+        mesh_tls.clone(),
         fds,
         open.clone(),
     ));
-    mesh_to_peer(mesh_read, peer_write, tls, fds, open).await;
+    let to_peer = ToPeer {
+        write: peer_write,
+        tls,
+        stall: ctx.cfg.ping_interval * STALLED_PINGS,
+        sealed: Vec::new(),
+    };
+    mesh_to_peer(mesh_read, to_peer, mesh_tls, early, fds, open).await;
 }
 
-/// Peer -> owner: reads (and decrypts) what the peer sends, writes it to the mesh. At the
-/// peer's EOF (or close_notify) the mesh is half-closed, so the owner sees the end and its
-/// answer (a close frame) can still come back.
+/// Peer -> owner: reads (and decrypts) what the peer sends, encrypts it for the mesh. At the
+/// peer's EOF (or close_notify) the mesh link gets close_notify and is half-closed, so the owner
+/// sees the end and its answer (a close frame) can still come back.
 async fn peer_to_mesh(
     mut read: OwnedReadHalf<TcpStream>,
     mut write: OwnedWriteHalf<TcpStream>,
     tls: Option<Tls>,
+    mesh_tls: MeshSession,
     fds: Fds,
     open: Rc<OpenForward>,
 ) {
     let stats = &open.0.stats;
     let mut buf = Vec::with_capacity(SPLICE_READ);
     let mut plain = BytesMut::new();
+    let mut sealed = Vec::new();
     loop {
         let (res, b) = read.read(buf).await;
         buf = b;
@@ -157,91 +240,147 @@ async fn peer_to_mesh(
             Ok(_) => break,
             Err(_) => return fds.shut_all(),
         };
-        let mut open_tls = true;
-        let written = match &tls {
-            None => {
-                stats.mesh_bytes(MeshDirection::Outbound, n);
-                let (res, b) = write.write_all(buf).await;
-                buf = b;
-                res.is_ok()
-            }
-            Some(tls) => {
-                let absorbed = super::tls::absorb(&mut tls.borrow_mut(), &buf[..n], &mut plain);
-                let Ok((_, still_open)) = absorbed else {
-                    return fds.shut_all();
-                };
-                open_tls = still_open;
-                stats.mesh_bytes(MeshDirection::Outbound, plain.len());
-                let (res, p) = write.write_all(std::mem::take(&mut plain)).await;
-                plain = p;
-                plain.clear();
-                res.is_ok()
-            }
+        let (data, still_open): (&[u8], bool) = match &tls {
+            None => (&buf[..n], true),
+            Some(tls) => match super::tls::absorb(&mut tls.borrow_mut(), &buf[..n], &mut plain) {
+                Ok((_, still_open)) => (&plain, still_open),
+                Err(_) => return fds.shut_all(),
+            },
         };
-        buf.clear();
-        if !written {
+        stats.mesh_bytes(MeshDirection::Outbound, data.len());
+        sealed.clear();
+        if super::tls::seal(&mut mesh_tls.borrow_mut(), data, &mut sealed).is_err() {
             return fds.shut_all();
         }
-        if !open_tls {
+        plain.clear();
+        buf.clear();
+        if !sealed.is_empty() {
+            let (res, s) = write.write_all(std::mem::take(&mut sealed)).await;
+            sealed = s;
+            if res.is_err() {
+                return fds.shut_all();
+            }
+        }
+        if !still_open {
             break;
+        }
+    }
+    sealed.clear();
+    let closing = {
+        let mut session = mesh_tls.borrow_mut();
+        session.send_close_notify();
+        super::tls::seal(&mut session, &[], &mut sealed)
+    };
+    if closing.is_ok() && !sealed.is_empty() {
+        let (res, _) = write.write_all(sealed).await;
+        if res.is_err() {
+            return fds.shut_all();
         }
     }
     let _ = write.shutdown().await;
 }
 
-/// Owner -> peer: reads what the owner sends, writes it (encrypted) to the peer. At the owner's
-/// EOF the peer gets close_notify and both connections end.
+/// The peer's end of the owner -> peer task: its write half, its TLS session, and the bound
+/// on how long a write to it may stall.
+struct ToPeer {
+    write: OwnedWriteHalf<TcpStream>,
+    tls: Option<Tls>,
+    stall: Duration,
+    sealed: Vec<u8>,
+}
+
+impl ToPeer {
+    /// Writes `plain` to the peer (encrypted when it has a session; with `close_notify` after
+    /// it when `closing`); false when the peer cannot take it.
+    async fn send(&mut self, plain: BytesMut, closing: bool) -> (bool, BytesMut) {
+        let Some(tls) = &self.tls else {
+            if plain.is_empty() {
+                return (true, plain);
+            }
+            return write_within(&mut self.write, plain, self.stall).await;
+        };
+        self.sealed.clear();
+        let sealed = {
+            let mut session = tls.borrow_mut();
+            let mut ok = super::tls::seal(&mut session, &plain, &mut self.sealed).is_ok();
+            if closing {
+                session.send_close_notify();
+                ok &= super::tls::seal(&mut session, &[], &mut self.sealed).is_ok();
+            }
+            ok
+        };
+        if !sealed {
+            return (false, plain);
+        }
+        if self.sealed.is_empty() {
+            return (true, plain);
+        }
+        let (ok, out) = write_within(
+            &mut self.write,
+            std::mem::take(&mut self.sealed),
+            self.stall,
+        )
+        .await;
+        self.sealed = out;
+        (ok, plain)
+    }
+}
+
+/// Writes all of `buf` unless it stalls for `stall`. A timed-out write is dropped in flight:
+/// the connection ends with it, nothing is lost that anyone would read.
+async fn write_within<B: IoBuf + Default + 'static>(
+    write: &mut OwnedWriteHalf<TcpStream>,
+    buf: B,
+    stall: Duration,
+) -> (bool, B) {
+    match monoio::time::timeout(stall, write.write_all(buf)).await {
+        Ok((res, buf)) => (res.is_ok(), buf),
+        Err(_) => (false, B::default()),
+    }
+}
+
+/// Owner -> peer: reads and decrypts what the owner sends, writes it (encrypted) to the peer.
+/// At the owner's close_notify or EOF the peer gets close_notify and both connections end.
 async fn mesh_to_peer(
     mut read: OwnedReadHalf<TcpStream>,
-    mut write: OwnedWriteHalf<TcpStream>,
-    tls: Option<Tls>,
+    mut peer: ToPeer,
+    mesh_tls: MeshSession,
+    early: BytesMut,
     fds: Fds,
     open: Rc<OpenForward>,
 ) {
-    let ctx = &open.0;
-    let stall = ctx.cfg.ping_interval * STALLED_PINGS;
+    let stats = &open.0.stats;
     let mut buf = Vec::with_capacity(SPLICE_READ);
-    let mut sealed = Vec::new();
+    let mut plain = early;
+    let mut still_open = true;
     loop {
+        if !plain.is_empty() {
+            stats.mesh_bytes(MeshDirection::Outbound, plain.len());
+            let (ok, p) = peer.send(plain, false).await;
+            plain = p;
+            plain.clear();
+            if !ok {
+                return fds.shut_all();
+            }
+        }
+        if !still_open {
+            break;
+        }
         let (res, b) = read.read(buf).await;
         buf = b;
         let n = match res {
             Ok(n) if n > 0 => n,
             _ => break,
         };
-        ctx.stats.mesh_bytes(MeshDirection::Outbound, n);
-        let out = match &tls {
-            None => std::mem::take(&mut buf),
-            Some(tls) => {
-                sealed.clear();
-                if super::tls::seal(&mut tls.borrow_mut(), &buf[..n], &mut sealed).is_err() {
-                    return fds.shut_all();
-                }
-                buf.clear();
-                std::mem::take(&mut sealed)
+        match super::tls::absorb(&mut mesh_tls.borrow_mut(), &buf[..n], &mut plain) {
+            Ok((_, open)) => still_open = open,
+            Err(e) => {
+                tracing::warn!(error = %e, "mesh link to the owner failed");
+                return fds.shut_all();
             }
-        };
-        // A timed-out write is dropped in flight: the connection ends with it, nothing is lost
-        // that anyone would read.
-        match monoio::time::timeout(stall, write.write_all(out)).await {
-            Ok((Ok(_), out)) if tls.is_none() => {
-                buf = out;
-                buf.clear();
-            }
-            Ok((Ok(_), out)) => sealed = out,
-            _ => return fds.shut_all(),
         }
+        buf.clear();
     }
-    if let Some(tls) = &tls {
-        sealed.clear();
-        let ok = {
-            let mut session = tls.borrow_mut();
-            session.send_close_notify();
-            super::tls::seal(&mut session, &[], &mut sealed).is_ok()
-        };
-        if ok && !sealed.is_empty() {
-            let _ = monoio::time::timeout(stall, write.write_all(sealed)).await;
-        }
-    }
+    let _ = peer.send(plain, true).await;
     fds.shut_all();
 }

@@ -1,12 +1,23 @@
-//! The mesh: node-to-node TCP links that carry a peer's connection from the node it reached to
+//! The mesh: node-to-node links that carry a peer's connection from the node it reached to
 //! the node that owns its tunnel, so the peer never sees which node it reached.
 //!
 //! # Wire format
 //!
 //! One mesh connection carries exactly one peer connection. The forwarding node connects to the
-//! owner's mesh address and writes, in order:
+//! owner's mesh address over TCP and then:
 //!
-//! 1. one preamble line, ASCII, at most [`MAX_PREAMBLE`] bytes including its `\r\n`:
+//! 1. runs a TLS 1.3 handshake (rustls, ring; ALPN `iotunnel-mesh/1`, no resumption), mutually
+//!    authenticated by the fleet CA: the owner presents its mesh certificate and requires one
+//!    from the forwarding node; each verifies the other's chain to the fleet CA (`ca.pem`, the
+//!    one every node installs from the database). Every node's mesh certificate (`mesh.pem`,
+//!    issued by that CA, client and server auth) names only [`SERVER_NAME`], the name the
+//!    forwarding node verifies: trust rests on the CA, not on the addresses nodes advertise.
+//!    A connection that is not TLS, or whose certificate is missing or from another CA, is
+//!    closed (after rustls's alert) and counted as the handshake failure `mesh_tls`.
+//!
+//! Everything below travels inside that TLS session:
+//!
+//! 2. one preamble line, ASCII, at most [`MAX_PREAMBLE`] bytes including its `\r\n`:
 //!    ```text
 //!    IOTUNNEL-MESH/1 {from_node} {to_node} {unix_ms} {nonce} {peer_addr} {mac}\r\n
 //!    ```
@@ -18,17 +29,23 @@
 //!      `[::1]:5`), reported as the peer's address on the owner;
 //!    - `mac`: HMAC-SHA256 under the fleet's mesh key of every preceding field (the version
 //!      `IOTUNNEL-MESH/1` included) joined by `\n`, as 64 lowercase hex digits.
-//! 2. the peer's upgrade request exactly as it arrived (decrypted when the relay serves TLS),
+//!
+//!    The MAC is kept under TLS as a second, independent proof of fleet membership: a leaked
+//!    CA key alone does not open the mesh, nor does the mesh key alone.
+//! 3. the peer's upgrade request exactly as it arrived (decrypted when the relay serves TLS),
 //!    then every byte the peer sent after it;
-//! 3. from then on the bytes of both directions, unchanged, until either end closes.
+//! 4. from then on the bytes of both directions, unchanged, until either end closes (a
+//!    close_notify, then the TCP close).
 //!
 //! The owner answers nothing to the preamble: it checks it (read within the handshake timeout,
 //! MAC compared in constant time, `to_node` is its own id, `unix_ms` within [`MAX_SKEW_MS`] of
-//! its clock, nonce not seen in that window) and closes the socket on any failure (counted as
-//! the handshake failure `mesh_auth`). Then it runs the normal upgrade path in plaintext over
-//! the mesh socket: its 101 or HTTP refusal, and every frame after, travel back through the
-//! forwarding node to the peer. A connection that arrived over the mesh is never forwarded
-//! again: if this node does not own its tunnel, it is refused `503 owner_unreachable`.
+//! its clock, nonce not seen in that window) and closes the connection on any failure (counted
+//! as the handshake failure `mesh_auth`). Then it runs the normal upgrade path over the mesh
+//! link's TLS session: its 101 or HTTP refusal, and every frame after, travel back through
+//! the forwarding node to the peer, and the connection is handed to the owner shard with that
+//! session exactly like a peer's own TLS connection. A connection that arrived over the mesh
+//! is never forwarded again: if this node does not own its tunnel, it is refused
+//! `503 owner_unreachable`.
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -36,15 +53,18 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream};
 use subtle::ConstantTimeEq;
 
+pub use super::tls::MeshTls;
 use super::upgrade::{self, Accepted, Arrival, Conn};
 use super::{pump, ShardCtx};
 use crate::clock::Millis;
 use crate::token;
 
+/// The server name every node's mesh certificate carries and forwarding nodes verify (one
+/// name for the whole fleet: see the module documentation).
+pub const SERVER_NAME: &str = crate::tls::MESH_SERVER_NAME;
 /// The protocol name and version, the preamble's first field.
 pub const VERSION: &str = "IOTUNNEL-MESH/1";
 /// The longest preamble: the fields need about 320 bytes at most (two 64-byte node ids, a
@@ -59,22 +79,32 @@ pub const MAX_SKEW_MS: i64 = 60_000;
 /// windows a nonce must be remembered for; past this the oldest are forgotten first.
 const REPLAY_CAPACITY: usize = 1 << 18;
 
-/// This node's identity in the fleet and the fleet's mesh secret.
+/// This node's identity in the fleet and the fleet's mesh secret: what signs and checks
+/// preambles.
 #[derive(Clone)]
-pub struct MeshConfig {
+pub struct MeshIdentity {
     /// This node's id (as in the nodes table).
     pub node_id: String,
     /// The fleet-wide mesh secret (never logged).
     pub key: [u8; 32],
 }
 
-impl std::fmt::Debug for MeshConfig {
+impl std::fmt::Debug for MeshIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshConfig")
+        f.debug_struct("MeshIdentity")
             .field("node_id", &self.node_id)
             .field("key", &"<hidden>")
             .finish()
     }
+}
+
+/// What a node needs on the mesh: its identity for preambles and its TLS for the links.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// This node's id and the fleet's mesh key.
+    pub identity: MeshIdentity,
+    /// Both ends of the mesh TLS, from the fleet CA and this node's mesh certificate.
+    pub tls: MeshTls,
 }
 
 /// Whether `id` can be a node id in a preamble.
@@ -123,7 +153,7 @@ fn signed_fields(from: &str, to: &str, unix_ms: Millis, nonce: &str, peer: &str)
 
 /// The preamble line (with its `\r\n`) from this node to `to_node` for a peer at `peer`.
 pub fn encode_preamble(
-    cfg: &MeshConfig,
+    cfg: &MeshIdentity,
     to_node: &str,
     unix_ms: Millis,
     nonce: [u8; 8],
@@ -143,7 +173,7 @@ pub fn encode_preamble(
 /// Checks one preamble line (without its `\r\n`) against our node id, key and clock.
 pub fn verify_preamble(
     line: &[u8],
-    cfg: &MeshConfig,
+    cfg: &MeshIdentity,
     now_ms: Millis,
 ) -> Result<Preamble, MeshRefusal> {
     let line = std::str::from_utf8(line).map_err(|_| MeshRefusal::Malformed)?;
@@ -234,33 +264,42 @@ pub(super) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, state:
     }
 }
 
-/// Reads the preamble line; returns it (without `\r\n`) and the bytes read after it.
-async fn read_preamble(stream: &mut TcpStream) -> Option<(BytesMut, BytesMut)> {
-    let mut buf = BytesMut::with_capacity(MAX_PREAMBLE + upgrade::MAX_REQUEST);
+/// Reads the preamble line from the decrypted stream; returns it without its `\r\n`, leaving
+/// the bytes after it in `conn.buffered`.
+async fn read_preamble(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> Option<BytesMut> {
     loop {
-        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
-            let mut line = buf.split_to(end + 2);
+        if let Some(end) = conn.buffered.windows(2).position(|w| w == b"\r\n") {
+            if end + 2 > MAX_PREAMBLE {
+                return None;
+            }
+            let mut line = conn.buffered.split_to(end + 2);
             line.truncate(end);
-            return Some((line, buf));
+            return Some(line);
         }
-        if buf.len() >= MAX_PREAMBLE {
+        if conn.buffered.len() >= MAX_PREAMBLE {
             return None;
         }
-        let (len, cap) = (buf.len(), buf.capacity());
-        let (res, slice) = stream
-            .read(monoio::buf::IoBufMut::slice_mut(buf, len..cap))
-            .await;
-        buf = slice.into_inner();
-        match res {
-            Ok(n) if n > 0 => {}
+        match upgrade::read_more(conn, cipher).await {
+            Ok(true) => {}
             _ => return None,
         }
     }
 }
 
-/// One connection from another node: preamble, then the normal upgrade and hand-off.
+/// Why a mesh connection was closed before its upgrade request was read.
+enum Refused {
+    /// No TLS, or no certificate from the fleet CA: `mesh_tls`.
+    Tls(std::io::Error),
+    /// The preamble did not verify (or was missing): `mesh_auth`.
+    Auth(&'static str),
+    /// The upgrade path refused it, counted there (or nothing to count).
+    Upgrade,
+}
+
+/// One connection from another node: TLS handshake, preamble, then the normal upgrade and
+/// hand-off with the mesh link's TLS session.
 async fn inbound(
-    mut stream: TcpStream,
+    stream: TcpStream,
     from: SocketAddr,
     ctx: Rc<ShardCtx>,
     state: Rc<pump::Shard>,
@@ -269,44 +308,63 @@ async fn inbound(
     let Some(cfg) = ctx.cfg.mesh.as_ref() else {
         return;
     };
+    let session = match rustls::ServerConnection::new(cfg.tls.server.clone()) {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a mesh TLS session");
+            return;
+        }
+    };
+    let mut conn = Conn {
+        stream,
+        tls: Some(Box::new(session)),
+        buffered: BytesMut::new(),
+        peer: from,
+    };
     let handshake = async {
-        let Some((line, rest)) = read_preamble(&mut stream).await else {
-            return Err(Some("malformed"));
+        let mut cipher = None;
+        if let Err(e) = upgrade::handshake(&mut conn, &mut cipher).await {
+            // Tell the other end why (rustls queued the alert), as far as it listens.
+            let _ = upgrade::flush_tls(&mut conn).await;
+            return Err(Refused::Tls(e));
+        }
+        let Some(line) = read_preamble(&mut conn, &mut cipher).await else {
+            return Err(Refused::Auth("malformed"));
         };
         let now = ctx.clock.now_ms();
-        let preamble = match verify_preamble(&line, cfg, now) {
+        let preamble = match verify_preamble(&line, &cfg.identity, now) {
             Ok(p) if replay.borrow_mut().first_use(p.nonce, now) => p,
-            Ok(_) => return Err(Some("replayed")),
+            Ok(_) => return Err(Refused::Auth("replayed")),
             Err(e) => {
                 tracing::info!(%from, reason = ?e, "mesh preamble refused");
-                return Err(Some("refused"));
+                return Err(Refused::Auth("refused"));
             }
         };
         tracing::debug!(%from, from_node = %preamble.from_node, peer = %preamble.peer, "mesh connection");
-        let mut conn = Conn {
-            stream,
-            tls: None,
-            buffered: rest,
-            peer: preamble.peer,
-        };
+        conn.peer = preamble.peer;
         match upgrade::accept(&mut conn, &ctx, Arrival::Mesh).await {
-            Ok(Accepted::Local(up)) => Ok((conn, up)),
+            Ok(Accepted::Local(up)) => Ok(up),
             // check() refuses a remote tunnel that arrived over the mesh.
-            Ok(Accepted::Forward { .. }) => Err(None),
+            Ok(Accepted::Forward { .. }) => Err(Refused::Upgrade),
             Err(refusal) => {
                 ctx.stats
                     .handshake_failed(refusal.map_or("tls_or_io", upgrade::Refusal::label));
-                Err(None)
+                Err(Refused::Upgrade)
             }
         }
     };
-    match monoio::time::timeout(ctx.cfg.handshake_timeout, handshake).await {
-        Ok(Ok((conn, up))) => super::hand_off(&ctx, &state, conn, up),
-        Ok(Err(Some(why))) => {
+    let result = monoio::time::timeout(ctx.cfg.handshake_timeout, handshake).await;
+    match result {
+        Ok(Ok(up)) => super::hand_off(&ctx, &state, conn, up),
+        Ok(Err(Refused::Tls(e))) => {
+            ctx.stats.handshake_failed("mesh_tls");
+            tracing::info!(%from, error = %e, "mesh TLS handshake failed");
+        }
+        Ok(Err(Refused::Auth(why))) => {
             ctx.stats.handshake_failed("mesh_auth");
             tracing::info!(%from, why, "mesh connection refused");
         }
-        Ok(Err(None)) => {}
+        Ok(Err(Refused::Upgrade)) => {}
         Err(_) => ctx.stats.handshake_failed("timeout"),
     }
 }
@@ -315,8 +373,8 @@ async fn inbound(
 mod tests {
     use super::*;
 
-    fn cfg(node: &str, key: u8) -> MeshConfig {
-        MeshConfig {
+    fn cfg(node: &str, key: u8) -> MeshIdentity {
+        MeshIdentity {
             node_id: node.into(),
             key: [key; 32],
         }

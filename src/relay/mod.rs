@@ -9,7 +9,8 @@
 //!
 //! In a fleet, a tunnel owned by another node is checked here and then forwarded to its owner
 //! over the [`mesh`] ([`forward`]); connections other nodes forward to us arrive on the mesh
-//! listener and take the same upgrade path and hand-off as direct ones.
+//! listener (TLS mutually authenticated by the fleet CA, then the preamble) and take the same
+//! upgrade path and hand-off as direct ones, with the mesh link's TLS session.
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{IntoRawFd, RawFd};
 use std::rc::Rc;
@@ -36,7 +37,7 @@ pub mod tls;
 pub mod upgrade;
 mod writer;
 
-pub use mesh::MeshConfig;
+pub use mesh::{MeshConfig, MeshIdentity, MeshTls};
 
 /// Pending connections per shard listener.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -68,7 +69,7 @@ pub struct RelayConfig {
     /// How long an unknown token is looked up again before the 401 (fleet mode: a tunnel
     /// created on another node may reach this index a moment after its peers dial).
     pub unknown_token_grace: Duration,
-    /// This node's fleet identity and mesh secret; `None` on a single node.
+    /// This node's fleet identity, mesh secret and mesh TLS; `None` without a mesh.
     pub mesh: Option<MeshConfig>,
 }
 
@@ -247,10 +248,10 @@ impl RelayHandle {
             .context("no relay listener")?
             .local_addr()?;
         if let Some(mesh) = &cfg.mesh {
-            mesh::check_node_id(&mesh.node_id)?;
+            mesh::check_node_id(&mesh.identity.node_id)?;
         }
         if mesh_listener.is_some() && cfg.mesh.is_none() {
-            anyhow::bail!("a mesh listener needs a node id and a mesh key");
+            anyhow::bail!("a mesh listener needs a node id, a mesh key and the mesh TLS");
         }
         let mesh_addr = mesh_listener
             .as_ref()

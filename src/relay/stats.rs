@@ -26,9 +26,15 @@ pub const DISCONNECT_REASONS: &[&str] = &[
 ];
 
 /// Every reason a handshake fails besides the refusals of [`super::upgrade::Refusal`]
-/// (`mesh_auth`: a mesh connection whose preamble did not verify, see [`super::mesh`]).
-pub const HANDSHAKE_FAILURES: &[&str] =
-    &["timeout", "tls_or_io", "too_many_handshakes", "mesh_auth"];
+/// (`mesh_tls`: a mesh connection that is not TLS or has no certificate from the fleet CA;
+/// `mesh_auth`: one whose preamble did not verify; see [`super::mesh`]).
+pub const HANDSHAKE_FAILURES: &[&str] = &[
+    "timeout",
+    "tls_or_io",
+    "too_many_handshakes",
+    "mesh_tls",
+    "mesh_auth",
+];
 
 /// Which way a mesh connection goes, an index into the mesh statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,7 +35,8 @@ pub const CIPHER_READ: usize = 64 * 1024;
 pub struct Conn {
     /// The socket.
     pub stream: TcpStream,
-    /// The TLS session, unless the relay serves plaintext.
+    /// The TLS session: the peer's (unless the relay serves plaintext), or for a connection
+    /// that arrived over the mesh, the mesh link's.
     pub tls: Option<Box<rustls::ServerConnection>>,
     /// Plaintext already read and not yet consumed (bytes after the upgrade request).
     pub buffered: BytesMut,
@@ -220,7 +221,7 @@ pub async fn read_more(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> std::io
 }
 
 /// Writes whatever the TLS session has pending (handshake records, alerts).
-async fn flush_tls(conn: &mut Conn) -> std::io::Result<()> {
+pub(super) async fn flush_tls(conn: &mut Conn) -> std::io::Result<()> {
     if let Some(tls) = conn.tls.as_mut() {
         let mut out = Vec::new();
         super::tls::seal(tls, &[], &mut out)?;
@@ -246,6 +247,18 @@ pub async fn write_plain(conn: &mut Conn, plain: &[u8]) -> std::io::Result<()> {
     res.map(drop)
 }
 
+/// Runs the TLS handshake to its end (a no-op in plaintext mode, or once done); plaintext that
+/// arrived with the peer's last flight stays in `conn.buffered`.
+pub async fn handshake(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> std::io::Result<()> {
+    while conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+        flush_tls(conn).await?;
+        if !read_more(conn, cipher).await? {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    flush_tls(conn).await
+}
+
 /// Runs the TLS handshake and reads the upgrade request; answers 101 or a refusal, or (for a
 /// tunnel owned by another node, arrived directly) answers nothing and says where to forward.
 pub async fn accept(
@@ -254,14 +267,7 @@ pub async fn accept(
     arrival: Arrival,
 ) -> Result<Accepted, Option<Refusal>> {
     let mut cipher = None;
-    // The TLS handshake (a no-op in plaintext mode).
-    while conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
-        flush_tls(conn).await.map_err(|_| None)?;
-        if !read_more(conn, &mut cipher).await.map_err(|_| None)? {
-            return Err(None);
-        }
-    }
-    flush_tls(conn).await.map_err(|_| None)?;
+    handshake(conn, &mut cipher).await.map_err(|_| None)?;
     let head_len = loop {
         if let Some(end) = find_head_end(&conn.buffered) {
             break end;
