@@ -119,15 +119,20 @@ pub struct TunnelIndex {
     by_tunnel: DashMap<Arc<str>, Owned>,
     closed_tokens: DashMap<SecretHash, ()>,
     closed_by_tunnel: DashMap<Arc<str>, Owned>,
+    /// OPEN tunnels owned by each other node of the fleet, for placement.
+    remote_load: DashMap<Arc<str>, usize>,
 }
 
-/// A tunnel's two token hashes (client, device) and its owner shard.
-#[derive(Debug, Clone, Copy)]
+/// A tunnel's two token hashes (client, device), its owner shard, and its owner node when that
+/// is another node.
+#[derive(Debug, Clone)]
 struct Owned {
     hashes: [SecretHash; 2],
     shard: usize,
     /// Whether the tunnel holds a place in `load` (owned by this node).
     placed: bool,
+    /// The other node that owns it (`None` when `placed`).
+    owner: Option<Arc<str>>,
 }
 
 impl TunnelIndex {
@@ -139,6 +144,7 @@ impl TunnelIndex {
             by_tunnel: DashMap::new(),
             closed_tokens: DashMap::new(),
             closed_by_tunnel: DashMap::new(),
+            remote_load: DashMap::new(),
         }
     }
 
@@ -173,13 +179,9 @@ impl TunnelIndex {
         device_hash: SecretHash,
         owner_node: Option<&str>,
     ) {
-        let current = self.by_tunnel.get(tunnel_id).map(|o| *o);
-        if let Some(cur) = current {
-            let owner_now = self
-                .by_token
-                .get(&cur.hashes[0])
-                .and_then(|m| m.tunnel.owner_node.clone());
-            if cur.hashes == [client_hash, device_hash] && owner_now.as_deref() == owner_node {
+        let current = self.by_tunnel.get(tunnel_id).map(|o| o.clone());
+        if let Some(cur) = &current {
+            if cur.hashes == [client_hash, device_hash] && cur.owner.as_deref() == owner_node {
                 // Already indexed as is (a fleet resync): keep its shard and family lock.
                 return;
             }
@@ -198,13 +200,17 @@ impl TunnelIndex {
             None if placed => self.place(),
             None => 0,
         };
+        let owner: Option<Arc<str>> = owner_node.map(Arc::from);
+        if let Some(o) = &owner {
+            *self.remote_load.entry(o.clone()).or_insert(0) += 1;
+        }
         let tunnel = Arc::new(IndexedTunnel {
             tunnel_id: Arc::from(tunnel_id),
             services: services.to_vec().into(),
             expires_at,
             owner_shard: shard,
             family: FamilyLock::default(),
-            owner_node: owner_node.map(Arc::from),
+            owner_node: owner.clone(),
         });
         for (hash, side) in [(client_hash, Side::Client), (device_hash, Side::Device)] {
             self.by_token.insert(
@@ -219,6 +225,7 @@ impl TunnelIndex {
             hashes: [client_hash, device_hash],
             shard,
             placed,
+            owner,
         };
         self.by_tunnel.insert(tunnel.tunnel_id.clone(), owned);
     }
@@ -245,6 +252,12 @@ impl TunnelIndex {
         if let Some((id, owned)) = self.by_tunnel.remove(tunnel_id) {
             if owned.placed {
                 self.load[owned.shard].fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(o) = &owned.owner {
+                self.remote_load.remove_if_mut(o, |_, n| {
+                    *n -= 1;
+                    *n == 0
+                });
             }
             for h in owned.hashes {
                 self.by_token.remove(&h);
@@ -277,6 +290,11 @@ impl TunnelIndex {
     /// The OPEN tunnels this node owns (pumped on its shards).
     pub fn owned_here(&self) -> usize {
         self.load.iter().map(|l| l.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The OPEN tunnels another node owns, as far as this index knows.
+    pub fn owned_by(&self, node_id: &str) -> usize {
+        self.remote_load.get(node_id).map_or(0, |n| *n)
     }
 
     /// Whether `tunnel_id` is OPEN and owned by this node.

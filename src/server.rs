@@ -468,11 +468,17 @@ impl Server {
 
     /// Stops serving and waits for in-flight requests and background tasks to finish. A node
     /// of a fleet first drains: it takes no new tunnels and hands its own to the other nodes.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         let moved = self.control.drain().await;
         if moved > 0 {
             tracing::info!(tunnels = moved, "drained: tunnels handed to other nodes");
         }
+        self.abandon().await;
+    }
+
+    /// Stops without draining: to the rest of the fleet this node looks crashed (its tunnels
+    /// move only once it is declared dead). For tests of node loss.
+    pub async fn abandon(mut self) {
         if let Some(relay) = self.relay.take() {
             let _ = tokio::task::spawn_blocking(move || relay.shutdown()).await;
         }

@@ -11,16 +11,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::agent::{connect, device, echo_server, echo_through, Device};
+use common::agent::{
+    connect, device, echo_server, echo_through, hash_service, hash_through, Device,
+};
 use common::peers::{within, within_for};
 use common::TestServer;
 use iotunnel::agent::client::{self, ClientArgs, RunningClient};
 use iotunnel::config::Secret;
 use reqwest::StatusCode;
-use ring::digest::{Context, Digest, SHA256};
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// A server whose notifications and client URLs name the relay's real port.
 async fn server() -> TestServer {
@@ -62,81 +61,6 @@ fn listening(c: &RunningClient, service: &str) -> SocketAddr {
 
 /// What the 1 GiB test sends each way.
 const TOTAL: u64 = 1 << 30;
-/// The write size.
-const CHUNK: usize = 1 << 20;
-/// Every STAMP bytes the stream carries its own offset, so that a dropped, repeated or
-/// reordered piece changes the hash even though the chunks otherwise repeat.
-const STAMP: usize = 4096;
-
-/// Writes `total` bytes of a stream seeded by `seed` to `w` and returns their SHA-256: 1 MiB
-/// of xorshift noise, repeated, with the offset stamped every [`STAMP`] bytes.
-async fn send_stream(w: &mut (impl AsyncWrite + Unpin), total: u64, seed: u64) -> Digest {
-    let mut chunk = vec![0u8; CHUNK];
-    let mut x = seed | 1;
-    for word in chunk.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
-    }
-    let mut hash = Context::new(&SHA256);
-    let mut offset: u64 = 0;
-    while offset < total {
-        let len = CHUNK.min(usize::try_from(total - offset).unwrap_or(CHUNK));
-        for (i, piece) in chunk[..len].chunks_mut(STAMP).enumerate() {
-            let at = (offset + (i * STAMP) as u64).to_be_bytes();
-            let n = piece.len().min(8);
-            piece[..n].copy_from_slice(&at[..n]);
-        }
-        hash.update(&chunk[..len]);
-        w.write_all(&chunk[..len]).await.expect("write the stream");
-        offset += len as u64;
-    }
-    hash.finish()
-}
-
-/// Reads exactly `total` bytes from `r` and returns their SHA-256.
-async fn recv_stream(r: &mut (impl AsyncRead + Unpin), total: u64) -> Option<Digest> {
-    let mut hash = Context::new(&SHA256);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = total;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        match r.read(&mut buf[..want]).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => {
-                hash.update(&buf[..n]);
-                left -= n as u64;
-            }
-        }
-    }
-    Some(hash.finish())
-}
-
-/// The device's service for the 1 GiB test: reads an 8-byte big-endian length L, then at the
-/// same time reads L bytes (hashing them) and writes L bytes of its own stream (seed 2,
-/// hashing them too), and answers with the SHA-256 of what it read followed by the SHA-256 of
-/// what it wrote. It echoes nothing.
-async fn hash_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(len) = socket.read_u64().await else {
-                    return;
-                };
-                let (mut r, mut w) = socket.split();
-                let (got, sent) =
-                    tokio::join!(recv_stream(&mut r, len), send_stream(&mut w, len, 2));
-                let Some(got) = got else { return };
-                let _ = w.write_all(got.as_ref()).await;
-                let _ = w.write_all(sent.as_ref()).await;
-            });
-        }
-    });
-    addr
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_each_way_goes_through_the_chain_intact() {
@@ -146,34 +70,13 @@ async fn one_gib_each_way_goes_through_the_chain_intact() {
     let mut conn = connect(listening(&c, "HASH")).await;
 
     let started = Instant::now();
-    let transfer = async {
-        conn.write_u64(TOTAL).await.unwrap();
-        let (mut r, mut w) = conn.split();
-        let (sent, got) = tokio::join!(send_stream(&mut w, TOTAL, 1), recv_stream(&mut r, TOTAL));
-        let got = got.expect("the device's 1 GiB arrives");
-        let mut theirs = [0u8; 64];
-        r.read_exact(&mut theirs)
-            .await
-            .expect("the device answers with its hashes");
-        (sent, got, theirs)
-    };
-    let (sent, got, theirs) = within_for(
+    within_for(
         Duration::from_secs(180),
         "1 GiB each way through the tunnel",
-        transfer,
+        hash_through(&mut conn, TOTAL),
     )
     .await;
     let elapsed = started.elapsed();
-    assert_eq!(
-        hex::encode(&theirs[..32]),
-        hex::encode(sent.as_ref()),
-        "the device received other bytes than the client's app sent"
-    );
-    assert_eq!(
-        hex::encode(&theirs[32..]),
-        hex::encode(got.as_ref()),
-        "the client's app received other bytes than the device sent"
-    );
     eprintln!(
         "1 GiB each way at once through client -> relay (TLS) -> agent in {:.1} s \
          ({:.0} MiB/s each way)",

@@ -35,6 +35,7 @@ on_both_drivers! {
     owner_refusals_reach_the_peer_unchanged;
     closing_on_the_owner_ends_the_forwarded_peer;
     a_forwarded_peer_leaving_is_seen_on_the_owner;
+    a_tunnel_indexed_a_moment_after_its_peer_dials_is_accepted;
 }
 
 /// The fleet's mesh secret in these tests.
@@ -65,6 +66,8 @@ impl Node {
             session_create_timeout: Duration::from_secs(10),
             per_tunnel_stats: 0,
             frame_stats: true,
+            // Long enough that the late-index test below cannot lose its race on a busy machine.
+            unknown_token_grace: Duration::from_secs(5),
             mesh: Some(MeshConfig {
                 node_id: node_id.into(),
                 key: KEY,
@@ -544,4 +547,34 @@ async fn a_forwarded_peer_leaving_is_seen_on_the_owner(driver: IoDriver) {
     }
     assert_eq!(start.stream_id, 2);
     assert_eq!(a.stat(|s| s.mesh_forwards[0]).await, 2);
+}
+
+/// A tunnel created through another node's API reaches this node's index over the bus a few
+/// milliseconds after its 201; a peer that dials faster waits for it instead of getting a 401.
+async fn a_tunnel_indexed_a_moment_after_its_peer_dials_is_accepted(driver: IoDriver) {
+    let (_dir, a, b, _) = fleet(driver).await;
+    let late = Tun::new();
+    b.index(&late, None);
+    let a_index = a.index.clone();
+    let (client_hash, device_hash) = (
+        token::hash_secret(&late.client),
+        token::hash_secret(&late.device),
+    );
+    let id = late.id.clone();
+    // Node a learns of the tunnel only after its client has dialled.
+    let learn = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let expires = SystemClock.now_ms() + 3_600_000;
+        a_index.insert(
+            &id,
+            &["SSH".to_string()],
+            expires,
+            client_hash,
+            device_hash,
+            Some("b"),
+        );
+    });
+    let (mut device, mut client) = aws_pair(&b, &a, &late).await;
+    exchange(&mut device, &mut client).await;
+    learn.await.unwrap();
 }

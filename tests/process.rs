@@ -3,341 +3,33 @@
 //! CLI commands against a live server.
 //!
 //! Every server listens on 127.0.0.1:0 in its own temp dir; its stdout is read to learn the API
-//! address. Waiting is bounded polling or awaiting an event, never a sleep used as
-//! synchronisation. A [`Proc`] kills its child when dropped, so a failing test leaves no server.
+//! address (tests/common/process.rs). Waiting is bounded polling or awaiting an event, never a
+//! sleep used as synchronisation. A `Proc` kills its child when dropped, so a failing test
+//! leaves no server.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::process::Output;
 
+use common::process::{
+    bin, call, cli, cli_json, create_tunnel, device_account, wait_online, DeviceAccount, ServerCmd,
+    DEADLINE,
+};
+use common::sign;
 use futures_util::StreamExt;
 use iotunnel::clock::{Clock, SystemClock};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const BIN: &str = env!("CARGO_BIN_EXE_iotunnel");
-/// How long a server may take to start, a CLI command to finish, or a reader to drain: generous,
-/// because a debug build shares 2 cores with the other tests.
-const DEADLINE: Duration = Duration::from_secs(30);
-/// How long a server may take to exit after SIGTERM ("promptly").
-const TERM_DEADLINE: Duration = Duration::from_secs(10);
 /// An admin key chosen through `IOTUNNEL_ADMIN_KEY` (at least 16 characters).
 const ADMIN_KEY: &str = "itk_process-test-admin-key-0123456789";
-/// The line the server prints once it serves the API.
-const LISTENING: &str = "iotunnel API listening on http://";
-/// The line (prefix) that carries a generated admin key.
-const ADMIN_LINE: &str = "Admin API key (shown only once;";
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A command for the binary with no `IOTUNNEL_*` variable inherited from the test's environment.
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("IOTUNNEL_") {
-            c.env_remove(k);
-        }
-    }
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    c
-}
-
-/// How to start `iotunnel server` on a data dir; reusable for restarts.
-#[derive(Clone)]
-struct ServerCmd {
-    data_dir: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-}
-
-impl ServerCmd {
-    fn new(data_dir: &Path) -> Self {
-        Self {
-            data_dir: data_dir.to_path_buf(),
-            args: Vec::new(),
-            env: Vec::new(),
-        }
-    }
-
-    fn arg(mut self, flag: &str, value: impl AsRef<str>) -> Self {
-        self.args.push(flag.into());
-        self.args.push(value.as_ref().into());
-        self
-    }
-
-    fn env(mut self, k: &str, v: &str) -> Self {
-        self.env.push((k.into(), v.into()));
-        self
-    }
-
-    fn command(&self) -> Command {
-        let mut c = bin();
-        c.arg("server")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(&self.args);
-        // Loopback port 0 everywhere unless the test chose otherwise.
-        for (flag, default) in [
-            ("--api-addr", "127.0.0.1:0"),
-            ("--metrics-addr", "127.0.0.1:0"),
-            ("--relay-addr", "127.0.0.1:0"),
-            ("--public-relay-url", "localhost:8443"),
-        ] {
-            if !self.args.iter().any(|a| a == flag) {
-                c.arg(flag).arg(default);
-            }
-        }
-        c.envs(self.env.iter().map(|(k, v)| (k, v)));
-        // Nothing may land in the repository if a path is wrong.
-        let cwd = self
-            .data_dir
-            .ancestors()
-            .find(|a| a.is_dir())
-            .unwrap_or(Path::new("/"));
-        c.current_dir(cwd);
-        c
-    }
-
-    /// Starts the server and waits (bounded) until it prints its API address.
-    async fn start(&self) -> Proc {
-        Proc::start(self.command()).await
-    }
-
-    /// Runs a server that is expected to fail at start; returns its exit status and output.
-    async fn run_to_exit(&self) -> Output {
-        tokio::time::timeout(DEADLINE, self.command().output())
-            .await
-            .expect("a failing server exits within the deadline")
-            .expect("the binary runs")
-    }
-}
-
-/// A running server process. Dropping it kills the process.
-struct Proc {
-    child: Child,
-    pid: u32,
-    api_base: String,
-    /// The admin key this start printed, if any.
-    admin_key: Option<String>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-/// Appends every line of `pipe` to `buf`, and sends it on `lines` when given.
-fn collect(
-    pipe: impl AsyncRead + Unpin + Send + 'static,
-    buf: Arc<Mutex<String>>,
-    lines: Option<mpsc::UnboundedSender<String>>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            {
-                let mut b = buf.lock().unwrap();
-                b.push_str(&line);
-                b.push('\n');
-            }
-            if let Some(tx) = &lines {
-                let _ = tx.send(line);
-            }
-        }
-    })
-}
-
-impl Proc {
-    async fn start(mut cmd: Command) -> Self {
-        let mut child = cmd.spawn().expect("the server binary starts");
-        let pid = child.id().expect("a fresh child has a pid");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), stdout.clone(), Some(tx)),
-            collect(child.stderr.take().unwrap(), stderr.clone(), None),
-        ];
-        let mut p = Self {
-            child,
-            pid,
-            api_base: String::new(),
-            admin_key: None,
-            stdout,
-            stderr,
-            readers,
-        };
-        let started = tokio::time::timeout(DEADLINE, async {
-            while let Some(line) = rx.recv().await {
-                if line.starts_with(ADMIN_LINE) {
-                    let key = line.rsplit(' ').next().unwrap().to_string();
-                    assert!(p.admin_key.is_none(), "two admin keys printed");
-                    p.admin_key = Some(key);
-                } else if let Some(addr) = line.strip_prefix(LISTENING) {
-                    return Some(format!("http://{}", addr.trim()));
-                }
-            }
-            None
-        })
-        .await;
-        match started {
-            Ok(Some(base)) => p.api_base = base,
-            Ok(None) => {
-                let status = p.child.wait().await;
-                panic!(
-                    "server exited before listening ({status:?}):\n{}",
-                    p.output()
-                );
-            }
-            Err(_) => panic!("server not listening within {DEADLINE:?}:\n{}", p.output()),
-        }
-        p
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Everything the process wrote so far, stdout then stderr.
-    fn output(&self) -> String {
-        format!("{}{}", self.stdout(), self.stderr())
-    }
-
-    /// Waits until the output pipes are drained (after the process exited).
-    async fn drain(&mut self) {
-        for r in self.readers.drain(..) {
-            tokio::time::timeout(DEADLINE, r)
-                .await
-                .expect("output drains after exit")
-                .unwrap();
-        }
-    }
-
-    /// SIGKILL, then reap.
-    async fn kill9(&mut self) {
-        self.child.kill().await.expect("SIGKILL the server");
-        self.drain().await;
-    }
-
-    /// SIGTERM, then wait (bounded) for the exit status.
-    async fn term(&mut self) -> ExitStatus {
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .expect("kill(1) runs");
-        assert!(sent.success(), "kill -TERM {} failed", self.pid);
-        let status = tokio::time::timeout(TERM_DEADLINE, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no exit within {TERM_DEADLINE:?} of SIGTERM:\n{}",
-                    self.output()
-                )
-            })
-            .expect("wait for the server");
-        self.drain().await;
-        status
-    }
-
-    /// Waits (bounded polling) until the process has a SIGTERM handler installed.
-    async fn wait_sigterm_handler(&self) {
-        for _ in 0..1000 {
-            if handles_sigterm(self.pid) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("no SIGTERM handler installed:\n{}", self.output());
-    }
-
-    /// A graceful stop: once the server handles SIGTERM, SIGTERM; it must exit 0 in time.
-    async fn stop(&mut self) {
-        self.wait_sigterm_handler().await;
-        let status = self.term().await;
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "SIGTERM should end the server with 0, got {status:?}:\n{}",
-            self.output()
-        );
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        call(&self.api_base, method, path, key, body).await
-    }
-}
-
-/// Whether process `pid` catches SIGTERM (Linux: bit 15 of `SigCgt` in /proc/PID/status).
-fn handles_sigterm(pid: u32) -> bool {
-    const SIGTERM: u32 = 15;
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (SIGTERM - 1)) != 0)
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // kill_on_drop would do it as well; this also covers a child whose handle was moved.
-        let _ = self.child.start_kill();
-    }
-}
-
-/// Calls the API; returns the status and the JSON body (Null when empty).
-async fn call(
-    base: &str,
-    method: Method,
-    path: &str,
-    key: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut req = reqwest::Client::new().request(method, format!("{base}{path}"));
-    if !key.is_empty() {
-        req = req.bearer_auth(key);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("the API answers");
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    let v = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    (status, v)
-}
-
-/// Lowercase hex HMAC-SHA256(secret, "pk\ndn\nts"): the device channel signature.
-fn sign(secret: &str, product_key: &str, device_name: &str, ts: i64) -> String {
-    hex::encode(iotunnel::token::hmac_sha256(
-        secret.as_bytes(),
-        format!("{product_key}\n{device_name}\n{ts}").as_bytes(),
-    ))
-}
 
 fn now_secs() -> i64 {
     SystemClock.now_ms() / 1000
@@ -360,7 +52,7 @@ async fn connect_raw(base: &str, pk: &str, dn: &str, ts: &str, sig: &str) -> Res
 }
 
 /// Opens a correctly signed device channel; also returns the signature it used.
-async fn connect_device(base: &str, f: &Fleet) -> (Ws, String) {
+async fn connect_device(base: &str, f: &DeviceAccount) -> (Ws, String) {
     let ts = now_secs();
     let sig = sign(&f.secret, &f.product_key, &f.device, ts);
     let ws = connect_raw(base, &f.product_key, &f.device, &ts.to_string(), &sig)
@@ -397,82 +89,6 @@ async fn closed_code(ws: &mut Ws) -> Option<u16> {
             _ => return None,
         }
     }
-}
-
-/// An account with a product and a device.
-struct Fleet {
-    key: String,
-    product_key: String,
-    device: String,
-    secret: String,
-}
-
-async fn fleet(base: &str, admin_key: &str) -> Fleet {
-    let (s, v) = call(
-        base,
-        Method::POST,
-        "/v1/accounts",
-        admin_key,
-        Some(json!({"name": "acme"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let key = v["api_key"].as_str().unwrap().to_string();
-    let (s, v) = call(
-        base,
-        Method::POST,
-        "/v1/products",
-        &key,
-        Some(json!({"name": "gateway"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let product_key = v["product_key"].as_str().unwrap().to_string();
-    let (s, v) = call(
-        base,
-        Method::POST,
-        &format!("/v1/products/{product_key}/devices"),
-        &key,
-        Some(json!({"name": "dev-1"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    Fleet {
-        key,
-        product_key,
-        device: "dev-1".into(),
-        secret: v["device_secret"].as_str().unwrap().to_string(),
-    }
-}
-
-/// Waits (bounded polling) until the API lists the device as online: the channel's 101 reaches
-/// the device a moment before the server registers the channel.
-async fn wait_online(base: &str, f: &Fleet) {
-    for _ in 0..400 {
-        let (_, v) = call(
-            base,
-            Method::GET,
-            &format!("/v1/products/{}/devices", f.product_key),
-            &f.key,
-            None,
-        )
-        .await;
-        if v["devices"].as_array().is_some_and(|ds| {
-            ds.iter()
-                .any(|d| d["device_name"] == f.device.as_str() && d["online"] == true)
-        }) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("device {} never came online", f.device);
-}
-
-async fn create_tunnel(base: &str, f: &Fleet) -> Value {
-    let body = json!({"product_key": f.product_key, "device_name": f.device});
-    let (s, v) = call(base, Method::POST, "/v1/tunnels", &f.key, Some(body)).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    v
 }
 
 fn data_dir() -> (tempfile::TempDir, PathBuf) {
@@ -876,7 +492,7 @@ async fn sigterm_with_an_open_device_channel_and_idle_connection_exits_zero_prom
         .env("IOTUNNEL_ADMIN_KEY", ADMIN_KEY)
         .start()
         .await;
-    let f = fleet(&p.api_base, ADMIN_KEY).await;
+    let f = device_account(&p.api_base, ADMIN_KEY).await;
     let (mut ws, _) = connect_device(&p.api_base, &f).await;
     wait_online(&p.api_base, &f).await;
     create_tunnel(&p.api_base, &f).await;
@@ -905,7 +521,7 @@ async fn tunnels_acknowledged_with_201_survive_kill_9() {
         .env("IOTUNNEL_ADMIN_KEY", ADMIN_KEY)
         .arg("--max-open-tunnels-per-device", "50");
     let mut p = cmd.start().await;
-    let f = fleet(&p.api_base, ADMIN_KEY).await;
+    let f = device_account(&p.api_base, ADMIN_KEY).await;
     let (ws, _) = connect_device(&p.api_base, &f).await;
     wait_online(&p.api_base, &f).await;
 
@@ -980,7 +596,7 @@ async fn no_secret_reaches_the_logs() {
         .start()
         .await;
     let base = p.api_base.clone();
-    let f = fleet(&base, ADMIN_KEY).await;
+    let f = device_account(&base, ADMIN_KEY).await;
     let mut secrets = vec![ADMIN_KEY.to_string(), f.key.clone(), f.secret.clone()];
 
     // Refused: a wrong API key and a bad device signature.
@@ -1065,38 +681,6 @@ async fn no_secret_reaches_the_logs() {
     }
 }
 
-/// Runs the binary as an API client with `IOTUNNEL_API` and `--api-key`.
-async fn cli(base: &str, key: &str, args: &[&str]) -> Output {
-    let mut c = bin();
-    c.args(args)
-        .arg("--api-key")
-        .arg(key)
-        .env("IOTUNNEL_API", base);
-    tokio::time::timeout(DEADLINE, c.output())
-        .await
-        .expect("the CLI finishes within the deadline")
-        .expect("the CLI runs")
-}
-
-/// Runs a `--json` CLI command that must succeed; returns its JSON (Null when it prints nothing).
-async fn cli_json(base: &str, key: &str, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let out = cli(base, key, &all).await;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{args:?} failed: {stderr}");
-    assert!(stderr.is_empty(), "{args:?} wrote to stderr: {stderr}");
-    if stdout.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {stdout}"))
-    }
-}
-
 #[tokio::test]
 async fn cli_drives_the_api_end_to_end() {
     let (_tmp, data) = data_dir();
@@ -1139,7 +723,7 @@ async fn cli_drives_the_api_end_to_end() {
     )
     .await;
     assert_eq!(dev["device_name"], "dev-1");
-    let f = Fleet {
+    let f = DeviceAccount {
         key: key.clone(),
         product_key: pk.clone(),
         device: "dev-1".into(),

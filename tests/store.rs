@@ -288,6 +288,20 @@ async fn contract(s: Arc<dyn Store>) {
     );
     assert_eq!((t.device.connected, t.device.updated_at), (false, Some(60)));
     assert_eq!((t.device.bytes_sent, t.device.bytes_received), (123, 456));
+    // An event older than the side's last change is stale and ignored (a node that lost the
+    // tunnel reporting its peer's end after the new owner reported the new connection).
+    let stale = ConnectionEvent {
+        at: 59,
+        ..ev(
+            Side::Client,
+            ConnectionEventKind::Disconnected {
+                reason: "moved".into(),
+            },
+        )
+    };
+    s.apply_connection_events(vec![stale]).await.unwrap();
+    let t = s.get_tunnel("acc_a".into(), "t1".into()).await.unwrap();
+    assert_eq!((t.client.connected, t.client.updated_at), (true, Some(60)));
     s.reset_connections("n1".into(), 70).await.unwrap();
     let t = s.get_tunnel("acc_a".into(), "t1".into()).await.unwrap();
     assert_eq!((t.client.connected, t.client.updated_at), (false, Some(70)));

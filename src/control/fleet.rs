@@ -13,7 +13,6 @@
 //!
 //! Every node heartbeats into the `nodes` table; one silent for `node_dead_after_ms` is dead:
 //! its channels count as offline and its tunnels get new owners.
-use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -165,8 +164,6 @@ pub struct Fleet {
     me: Mutex<NodeRecord>,
     /// Every node, as last read.
     nodes: RwLock<Vec<NodeRecord>>,
-    /// Tunnels placed on each node since `nodes` was read (their counts lag until then).
-    placed: Mutex<HashMap<String, u64>>,
     leader: AtomicBool,
     draining: AtomicBool,
 }
@@ -189,7 +186,6 @@ impl Fleet {
             routes,
             nodes: RwLock::new(vec![me.clone()]),
             me: Mutex::new(me),
-            placed: Mutex::default(),
             leader: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }
@@ -231,34 +227,31 @@ impl Fleet {
         Some((scheme.to_string(), host_port.to_string()))
     }
 
-    /// The owner for a new tunnel: the live node (not draining) owning the fewest OPEN tunnels,
-    /// this node on a tie or when no other is known.
-    pub fn place(&self, now: Millis, dead_after_ms: i64, own_open: u64) -> String {
+    /// The owner for a new tunnel: the live node (not draining) owning the fewest OPEN tunnels
+    /// by `load` (the fleet-wide index's counts), this node on a tie.
+    pub fn place(&self, now: Millis, dead_after_ms: i64, load: impl Fn(&str) -> usize) -> String {
         if !self.shared {
             return self.node_id.clone();
         }
         let nodes = self.nodes.read().expect("nodes lock");
-        let mut placed = self.placed.lock().expect("placed lock");
-        let load = |id: &str, reported: u64| reported + placed.get(id).copied().unwrap_or(0);
         let mut best = (
             if self.is_draining() {
-                u64::MAX
+                usize::MAX
             } else {
-                load(&self.node_id, own_open)
+                load(&self.node_id)
             },
-            self.node_id.clone(),
+            self.node_id.as_str(),
         );
         for n in nodes.iter() {
             if n.node_id == self.node_id || n.draining || !is_live(n, now, dead_after_ms) {
                 continue;
             }
-            let l = load(&n.node_id, n.open_tunnels);
+            let l = load(&n.node_id);
             if l < best.0 {
-                best = (l, n.node_id.clone());
+                best = (l, &n.node_id);
             }
         }
-        *placed.entry(best.1.clone()).or_default() += 1;
-        best.1
+        best.1.to_string()
     }
 
     fn refresh(&self, nodes: Vec<NodeRecord>, now: Millis, dead_after_ms: i64) {
@@ -272,7 +265,6 @@ impl Fleet {
             }
         }
         *self.nodes.write().expect("nodes lock") = nodes;
-        self.placed.lock().expect("placed lock").clear();
     }
 }
 
@@ -608,11 +600,11 @@ mod tests {
             10_000,
             5_000,
         );
-        // c is dead; b has fewest; placements count until the next refresh.
-        assert_eq!(fleet.place(10_000, 5_000, 5), "b");
-        assert_eq!(fleet.place(10_000, 5_000, 5), "b");
-        assert_eq!(fleet.place(10_000, 5_000, 5), "b");
-        assert_eq!(fleet.place(10_000, 5_000, 5), "a");
+        let load = |a: usize, b: usize| move |n: &str| if n == "a" { a } else { b };
+        // c is dead (and would be least loaded); b has fewer; a tie stays here.
+        assert_eq!(fleet.place(10_000, 5_000, load(5, 2)), "b");
+        assert_eq!(fleet.place(10_000, 5_000, load(5, 5)), "a");
+        assert_eq!(fleet.place(10_000, 5_000, load(5, 6)), "a");
         assert_eq!(
             fleet.relay_of(Some("b")),
             Some(("wss".into(), "b:8443".into()))

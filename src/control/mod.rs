@@ -312,7 +312,13 @@ impl ControlPlane {
                 owner_node: Some(self.fleet.place(
                     now,
                     self.settings.node_dead_after_ms as i64,
-                    self.index.owned_here() as u64,
+                    |node| {
+                        if node == self.fleet.node_id {
+                            self.index.owned_here()
+                        } else {
+                            self.index.owned_by(node)
+                        }
+                    },
                 )),
             })
             .await

@@ -41,6 +41,10 @@ pub use mesh::MeshConfig;
 /// Pending connections per shard listener.
 const LISTEN_BACKLOG: i32 = 4096;
 
+/// A fleet's bus delivers a new tunnel to every node within milliseconds; half a second covers
+/// a loaded database with room to spare and still refuses guessed tokens promptly.
+const FLEET_UNKNOWN_TOKEN_GRACE: Duration = Duration::from_millis(500);
+
 /// What every shard needs to know, fixed at start.
 pub struct RelayConfig {
     /// TLS configuration; `None` serves plaintext ws://.
@@ -61,6 +65,9 @@ pub struct RelayConfig {
     pub per_tunnel_stats: usize,
     /// Record per-frame metrics (`--relay-metrics`).
     pub frame_stats: bool,
+    /// How long an unknown token is looked up again before the 401 (fleet mode: a tunnel
+    /// created on another node may reach this index a moment after its peers dial).
+    pub unknown_token_grace: Duration,
     /// This node's fleet identity and mesh secret; `None` on a single node.
     pub mesh: Option<MeshConfig>,
 }
@@ -89,6 +96,11 @@ impl RelayConfig {
             session_create_timeout: Duration::from_millis(s.session_create_timeout_ms),
             per_tunnel_stats: s.metrics_per_tunnel,
             frame_stats: s.relay_metrics,
+            unknown_token_grace: if s.database_url.is_some() {
+                FLEET_UNKNOWN_TOKEN_GRACE
+            } else {
+                Duration::ZERO
+            },
             // The control plane fills it in fleet mode.
             mesh: None,
         })

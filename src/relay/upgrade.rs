@@ -13,6 +13,7 @@
 //! owner over the mesh ([`super::forward`]), whose answer reaches the peer unchanged.
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -281,7 +282,7 @@ pub async fn accept(
         Ok(r) => r,
         Err(refusal) => return refuse(conn, refusal).await,
     };
-    match check(&req, ctx, arrival) {
+    match check_with_grace(&req, ctx, arrival).await {
         Ok(upgrade) => {
             if let Some(owner_node) = upgrade.tunnel.owner_node.clone() {
                 // check() refuses a mesh arrival for a remote tunnel: this one came directly.
@@ -442,6 +443,28 @@ fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
         aws_version,
         aliyun_via,
     })
+}
+
+/// How often an unknown token is looked up again during [`RelayConfig::unknown_token_grace`].
+const GRACE_POLL: Duration = Duration::from_millis(10);
+
+/// [`check`], looking an unknown token up again for a short while in a fleet: a tunnel created
+/// through another node's API reaches this node's index over the bus a few milliseconds after
+/// its 201, and its peers may dial that fast. A guessed token just waits longer for its 401.
+async fn check_with_grace(
+    req: &Request,
+    ctx: &ShardCtx,
+    arrival: Arrival,
+) -> Result<Upgrade, Refusal> {
+    let deadline = Instant::now() + ctx.cfg.unknown_token_grace;
+    loop {
+        match check(req, ctx, arrival) {
+            Err(Refusal::UnknownToken) if !req.tokens.is_empty() && Instant::now() < deadline => {
+                monoio::time::sleep(GRACE_POLL).await
+            }
+            other => return other,
+        }
+    }
 }
 
 fn check(req: &Request, ctx: &ShardCtx, arrival: Arrival) -> Result<Upgrade, Refusal> {

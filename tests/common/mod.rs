@@ -6,6 +6,7 @@ pub mod agent;
 pub mod dashboard;
 pub mod peers;
 pub mod pg;
+pub mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,6 +101,18 @@ impl TestServer {
         public_port: Option<u16>,
         tweak: impl FnOnce(&mut Settings),
     ) -> Self {
+        let clock = ManualClock::new(iotunnel::clock::SystemClock.now_ms());
+        Self::start_dialable_at(dir, public_port, clock, tweak).await
+    }
+
+    /// [`TestServer::start_dialable`] on a given clock (nodes of a fleet share one, so that
+    /// heartbeats compare).
+    pub async fn start_dialable_at(
+        dir: Arc<tempfile::TempDir>,
+        public_port: Option<u16>,
+        clock: ManualClock,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
         let mut settings = Settings::for_tests(dir.path().to_path_buf());
         settings.admin_key = Some(Secret(ADMIN_KEY.into()));
         tweak(&mut settings);
@@ -109,7 +122,6 @@ impl TestServer {
             host: "localhost".into(),
             port: public_port.unwrap_or(relay_port),
         };
-        let clock = ManualClock::new(iotunnel::clock::SystemClock.now_ms());
         Self::finish(dir, clock, settings, listeners).await
     }
 
@@ -155,22 +167,7 @@ impl TestServer {
         key: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if !key.is_empty() {
-            req = req.bearer_auth(key);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        process::call_with(&self.http, &self.base, method, path, key, body).await
     }
 
     pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {

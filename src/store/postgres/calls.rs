@@ -461,19 +461,22 @@ impl Store for PgStore {
         let tx = c.transaction().await.map_err(db_err)?;
         for e in &events {
             let side = e.side.as_str();
+            // An event older than the side's last change is stale: the node a tunnel left may
+            // report its peers' end after the new owner reported theirs.
+            let not_older = format!("({side}_updated_at IS NULL OR {side}_updated_at <= $1)");
             match &e.kind {
                 ConnectionEventKind::Connected { addr } => {
                     let sql = format!(
                         "UPDATE tunnels SET {side}_connected = TRUE, {side}_updated_at = $1, \
                          {side}_addr = $2, {side}_bytes_sent = 0, {side}_bytes_received = 0 \
-                         WHERE id = $3"
+                         WHERE id = $3 AND {not_older}"
                     );
                     execute(&tx, &sql, &[&e.at, addr, &e.tunnel_id]).await?
                 }
                 ConnectionEventKind::Disconnected { .. } => {
                     let sql = format!(
                         "UPDATE tunnels SET {side}_connected = FALSE, {side}_updated_at = $1 \
-                         WHERE id = $2"
+                         WHERE id = $2 AND {not_older}"
                     );
                     execute(&tx, &sql, &[&e.at, &e.tunnel_id]).await?
                 }

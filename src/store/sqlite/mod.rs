@@ -895,19 +895,22 @@ impl Store for SqliteStore {
         self.call(move |c| {
             for e in &events {
                 let side = e.side.as_str();
+                // An event older than the side's last change is stale: in a fleet, the node a
+                // tunnel left may report its peers' end after the new owner reported theirs.
+                let not_older = format!("({side}_updated_at IS NULL OR {side}_updated_at <= ?1)");
                 let res = match &e.kind {
                     ConnectionEventKind::Connected { addr } => exec(c,
                         &format!(
                             "UPDATE tunnels SET {side}_connected = 1, {side}_updated_at = ?1, \
                              {side}_addr = ?2, {side}_bytes_sent = 0, {side}_bytes_received = 0 \
-                             WHERE id = ?3"
+                             WHERE id = ?3 AND {not_older}"
                         ),
                         params![e.at, addr, e.tunnel_id],
                     ),
                     ConnectionEventKind::Disconnected { .. } => exec(c,
                         &format!(
                             "UPDATE tunnels SET {side}_connected = 0, {side}_updated_at = ?1 \
-                             WHERE id = ?2"
+                             WHERE id = ?2 AND {not_older}"
                         ),
                         params![e.at, e.tunnel_id],
                     ),
