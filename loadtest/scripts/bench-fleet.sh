@@ -2,8 +2,8 @@
 # Fleet benchmarks (issue 11), each part in rotating order of its configurations per run:
 #   create: durable creates/s over BENCH_CREATE_DURATION (60s), 8 clients, 8 devices, all
 #           tunnels kept OPEN: SQLite one node (the baseline) vs PostgreSQL one node vs
-#           PostgreSQL three nodes, the last two behind HAProxy (TCP, round robin per
-#           connection); with BENCH_OLD_BIN_DIR also SQLite on the binaries found there (the
+#           PostgreSQL three nodes, the last two behind HAProxy (tests/fleet/haproxy.cfg: TCP,
+#           leastconn per connection; one node fills all three server lines); with BENCH_OLD_BIN_DIR also SQLite on the binaries found there (the
 #           code before the per-device counter). Each JSON gets first10/last10: the mean
 #           creates/s of the first and last 10 whole seconds of extra.ops_per_second.
 #   mesh:   a two-node fleet; latency (64 B ping-pong) and throughput with both peers on the
@@ -66,7 +66,7 @@ create_cfg() { # CFG RUN
       local n=${cfg#pg} ports=() k
       fleet "$n" "$o/server-$cfg-run$i"
       for k in $(seq 1 "$n"); do ports+=("$(api_port "$k")"); done
-      start_haproxy "$HAP_PORT" "$o/haproxy-$cfg-run$i.log" "${ports[@]}"
+      start_haproxy "$HAP_PORT" $((HAP_PORT + 3)) "$o/haproxy-$cfg-run$i.log" "${ports[@]}"
       create_run "http://127.0.0.1:$HAP_PORT" "$o/$cfg-run$i.json"
       stop_haproxy; fleet_down ;;
   esac
@@ -137,7 +137,7 @@ churn_cfg() { # CFG RUN
   local o="$OUT/churn" n=${1#pg} ports=() k
   fleet "$n" "$o/server-$1-run$2"
   for k in $(seq 1 "$n"); do ports+=("$(api_port "$k")"); done
-  start_haproxy "$HAP_PORT" "$o/haproxy-$1-run$2.log" "${ports[@]}"
+  start_haproxy "$HAP_PORT" $((HAP_PORT + 3)) "$o/haproxy-$1-run$2.log" "${ports[@]}"
   "$LT" churn --api "http://127.0.0.1:$HAP_PORT" --api-key "$K" --plaintext \
     --concurrency "${BENCH_CHURN_CONCURRENCY:-32}" --devices "$DEV" --duration "$SHORT" \
     --quiet --json "$o/$1-run$2.json" > "$o/$1-run$2.txt" 2>&1 \

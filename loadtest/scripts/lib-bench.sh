@@ -127,24 +127,22 @@ stop_nodes() {
   NODE_PIDS=(); NODE_DIRS=()
 }
 
-# start_haproxy LISTEN_PORT LOG BACKEND_PORT...: HAProxy in TCP mode, round robin per
-# connection (HTTP keep-alive and WebSockets stay on one node); sets HAP (pid).
+# start_haproxy API_PORT RELAY_PORT LOG NODE_API_PORT...: HAProxy with tests/fleet/haproxy.cfg
+# (TCP mode, leastconn, health checks) in front of 1-3 nodes; with fewer than three, the
+# last node fills the remaining server lines, so every configuration runs the same HAProxy
+# setup. A node's relay is at its API port + 3 (bench-fleet.sh's layout). Sets HAP (pid).
 start_haproxy() {
-  local listen=$1 log=$2 cfg p i=0
-  shift 2
-  cfg=$(mktemp -p "$BASE" haproxy.XXXXXX.cfg)
-  {
-    printf 'global\n  maxconn 20000\ndefaults\n  mode tcp\n  timeout connect 5s\n'
-    printf '  timeout client 1h\n  timeout server 1h\n'
-    printf 'frontend api\n  bind 127.0.0.1:%s\n  default_backend nodes\n' "$listen"
-    printf 'backend nodes\n  balance roundrobin\n'
-    for p in "$@"; do i=$((i + 1)); printf '  server n%s 127.0.0.1:%s\n' "$i" "$p"; done
-  } > "$cfg"
-  haproxy -f "$cfg" -db > "$log" 2>&1 &
+  local api=$1 relay=$2 log=$3 k=0 last
+  shift 3
+  export IOTUNNEL_LB_API="127.0.0.1:$api" IOTUNNEL_LB_RELAY="127.0.0.1:$relay"
+  for k in 1 2 3; do
+    [ $# -gt 0 ] && { last=$1; shift; }
+    export "IOTUNNEL_NODE${k}_API=127.0.0.1:$last" "IOTUNNEL_NODE${k}_RELAY=127.0.0.1:$((last + 3))"
+  done
+  haproxy -f tests/fleet/haproxy.cfg -db > "$log" 2>&1 &
   HAP=$!
-  HAP_CFG=$cfg
-  for _ in $(seq 50); do curl -fs "http://127.0.0.1:$listen/healthz" >/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 50); do curl -fs "http://127.0.0.1:$api/healthz" >/dev/null && return 0; sleep 0.1; done
   echo "haproxy did not come up; see $log" >&2; return 1
 }
 
-stop_haproxy() { kill "$HAP" 2>/dev/null; wait "$HAP" 2>/dev/null || true; rm -f "$HAP_CFG"; }
+stop_haproxy() { kill "$HAP" 2>/dev/null; wait "$HAP" 2>/dev/null || true; }
