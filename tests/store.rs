@@ -583,6 +583,195 @@ async fn fleet_contract(s: &dyn Store) {
     s.publish("hello".into()).await.unwrap();
 }
 
+/// Creates tunnels to `device` (limit 3, as [`new_tunnel`]) until the store refuses with
+/// `TunnelLimit`; returns the ids created. `next` numbers ids and creation times.
+async fn fill(s: &dyn Store, device: &str, owner: Option<&str>, next: &mut i64) -> Vec<String> {
+    let mut created = Vec::new();
+    loop {
+        *next += 1;
+        let mut t = new_tunnel(&format!("lim{next}"), device, *next);
+        t.owner_node = owner.map(str::to_string);
+        match s.create_tunnel(t).await {
+            Ok(t) => created.push(t.id),
+            Err(e) => {
+                assert_eq!(e, StoreError::TunnelLimit(3));
+                return created;
+            }
+        }
+        assert!(created.len() <= 3, "the limit of 3 did not hold");
+    }
+}
+
+/// The per-device limit counts OPEN tunnels through every way a tunnel opens, closes or goes:
+/// close, expire, delete (of a CLOSED one), reassign, rotate, connection events, purge and
+/// delete_device. Needs a fresh store; leaves `d1` with 3 OPEN tunnels and `d2` with none.
+async fn tunnel_limit_contract(s: &dyn Store) {
+    seed(s).await;
+    let mut next = 0;
+    let d1 = fill(s, "d1", None, &mut next).await;
+    assert_eq!(d1.len(), 3);
+    // Another device has its own count.
+    assert_eq!(fill(s, "d2", None, &mut next).await.len(), 3);
+
+    // Close frees one place; deleting the CLOSED tunnel frees none.
+    let close = |id: &str| s.close_tunnel("acc_a".into(), id.into(), CloseReason::Closed, 500);
+    close(&d1[0]).await.unwrap();
+    assert_eq!(close(&d1[0]).await, Err(StoreError::TunnelNotOpen));
+    s.delete_tunnel("acc_a".into(), d1[0].clone())
+        .await
+        .unwrap();
+    let refill = fill(s, "d1", None, &mut next).await;
+    assert_eq!(refill.len(), 1);
+
+    // Rotation and connection events leave the count alone.
+    s.rotate_tokens(
+        "acc_a".into(),
+        d1[1].clone(),
+        Rotation {
+            client_token_hash: Some([4; 32]),
+            device_token: None,
+        },
+    )
+    .await
+    .unwrap();
+    connect_all(s, &[&d1[1], &d1[2]], 600).await;
+    s.reset_connections("n1".into(), 700).await.unwrap();
+    assert!(fill(s, "d1", None, &mut next).await.is_empty());
+
+    // Expiry closes every OPEN tunnel of both devices (all expire by `next + 1000`).
+    let expired = s.expire_tunnels(next + 1000).await.unwrap();
+    assert_eq!(expired.len(), 6);
+    assert_eq!(s.expire_tunnels(next + 1000).await.unwrap().len(), 0);
+    let owned = fill(s, "d1", Some("n1"), &mut next).await;
+    assert_eq!(owned.len(), 3);
+
+    // Moving tunnels to another node keeps them OPEN and counted.
+    let moved = s
+        .reassign_tunnels("n1".into(), vec!["n2".into()], 800)
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 3);
+    assert!(fill(s, "d1", None, &mut next).await.is_empty());
+
+    // Purging OPEN tunnels (created before a time) frees their places.
+    let purge_before = next;
+    let purged = s.purge_tunnels(purge_before).await.unwrap();
+    assert!(purged.contains(&owned[0]) && purged.contains(&owned[2]));
+    assert_eq!(fill(s, "d1", None, &mut next).await.len(), 3);
+
+    // Deleting the device closes its tunnels; the same name again starts from nothing.
+    assert_eq!(
+        s.delete_device("acc_a".into(), "pk".into(), "d1".into(), 900)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let d = Device {
+        product_key: "pk".into(),
+        account_id: "acc_a".into(),
+        name: "d1".into(),
+        secret: "s".into(),
+        created_at: 900,
+    };
+    s.create_device(d).await.unwrap();
+    assert_eq!(fill(s, "d1", None, &mut next).await.len(), 3);
+    assert_eq!(
+        s.open_tunnels_of_device("pk".into(), "d1".into())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn sqlite_tunnel_limit_counts_every_transition_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = SqliteStore::open(&path).unwrap();
+    tunnel_limit_contract(&store).await;
+    // Two OPEN tunnels on d2 before the store closes.
+    let mut next = 10_000;
+    let close = |id: String| store.close_tunnel("acc_a".into(), id, CloseReason::Closed, 1);
+    let d2 = fill(&store, "d2", None, &mut next).await;
+    close(d2[0].clone()).await.unwrap();
+    drop(store);
+
+    // Reopened, the counts are those on disk: d1 full, d2 one place left.
+    let store = SqliteStore::open(&path).unwrap();
+    assert!(fill(&store, "d1", None, &mut next).await.is_empty());
+    assert_eq!(fill(&store, "d2", None, &mut next).await.len(), 1);
+    drop(store);
+
+    // A database from before the counter: the migration counts what is OPEN.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER tunnels_count_open_insert; DROP TRIGGER tunnels_count_open_update; \
+         DROP TRIGGER tunnels_count_open_delete; ALTER TABLE devices DROP COLUMN open_tunnels; \
+         PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    assert!(fill(&store, "d1", None, &mut next).await.is_empty());
+    assert!(fill(&store, "d2", None, &mut next).await.is_empty());
+    let d1 = store
+        .open_tunnels_of_device("pk".into(), "d1".into())
+        .await
+        .unwrap();
+    store
+        .close_tunnel("acc_a".into(), d1[0].id.clone(), CloseReason::Closed, 1)
+        .await
+        .unwrap();
+    assert_eq!(fill(&store, "d1", None, &mut next).await.len(), 1);
+}
+
+#[tokio::test]
+async fn postgres_tunnel_limit_counts_every_transition_and_migrates_old_data() {
+    let db = TestDatabase::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    tunnel_limit_contract(&store).await;
+    let mut next = 10_000;
+    let d2 = fill(&store, "d2", None, &mut next).await;
+    store
+        .close_tunnel("acc_a".into(), d2[0].clone(), CloseReason::Closed, 1)
+        .await
+        .unwrap();
+    drop(store);
+
+    // Another node, and then a database from before the counter: the migration counts what is
+    // OPEN.
+    let store = PgStore::connect(&db.url).await.unwrap();
+    assert!(fill(&store, "d1", None, &mut next).await.is_empty());
+    drop(store);
+    let client = db.client().await;
+    let version: i32 = client
+        .query_one("SELECT MAX(version) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        version, 2,
+        "this rolls back migration 2 only while it is the last one"
+    );
+    client
+        .batch_execute(&format!(
+            "DROP TRIGGER tunnels_count_open_insert ON tunnels; \
+             DROP TRIGGER tunnels_count_open_update ON tunnels; \
+             DROP TRIGGER tunnels_count_open_delete ON tunnels; \
+             DROP FUNCTION tunnels_count_open_insert(); DROP FUNCTION tunnels_count_open_update(); \
+             DROP FUNCTION tunnels_count_open_delete(); \
+             ALTER TABLE devices DROP COLUMN open_tunnels; \
+             DELETE FROM schema_migrations WHERE version = {version};"
+        ))
+        .await
+        .unwrap();
+    let store = PgStore::connect(&db.url).await.unwrap();
+    assert!(fill(&store, "d1", None, &mut next).await.is_empty());
+    assert_eq!(fill(&store, "d2", None, &mut next).await.len(), 1);
+}
+
 #[tokio::test]
 async fn sqlite_meets_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,10 +22,10 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::peers::{Dialer, Mode, PeerArgs, Tunnels, Ws, HANDSHAKE_TIMEOUT};
+use crate::peers::{Mode, PeerArgs, Relays, Tunnels, Ws, HANDSHAKE_TIMEOUT};
 use crate::report::{self, progress, round1, round3, Latency, ScenarioReport};
 use crate::wire::{self, Event, Family, Inbox, Side};
 use crate::{procs, RunArgs};
@@ -55,7 +55,7 @@ pub struct ChurnArgs {
 /// What the cycles share.
 struct Ctx {
     tunnels: Tunnels,
-    dialer: OnceCell<Dialer>,
+    relays: Relays,
     args: PeerArgs,
     payload: Vec<u8>,
     stats: Mutex<Stats>,
@@ -95,14 +95,9 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<()> {
 
 async fn measure(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
     let tunnels = Tunnels::setup(&args.peers, "loadtest-churn").await?;
-    let dialer = OnceCell::new();
-    if let Some(relay) = &args.peers.relay {
-        let d = new_dialer(&args.peers, relay).await?;
-        let _ = dialer.set(d);
-    }
     let ctx = Arc::new(Ctx {
         tunnels,
-        dialer,
+        relays: Relays::new(&args.peers),
         args: args.peers.clone(),
         payload: (0..args.size).map(|i| (i % 251) as u8).collect(),
         stats: Mutex::new(Stats {
@@ -213,18 +208,6 @@ async fn measure(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
     })
 }
 
-async fn new_dialer(args: &PeerArgs, host_port: &str) -> anyhow::Result<Dialer> {
-    Dialer::new(
-        host_port,
-        !args.plaintext,
-        args.ca_file.as_deref(),
-        args.family,
-        true,
-        args.source_ips,
-    )
-    .await
-}
-
 /// A failed step: which, and why.
 struct StepError {
     step: &'static str,
@@ -263,13 +246,12 @@ async fn cycle(ctx: &Ctx) -> Result<[Duration; 4], StepError> {
     let t1 = Instant::now();
     let result = async {
         let pair = async {
-            let dialer = ctx
-                .dialer
-                .get_or_try_init(|| new_dialer(&ctx.args, &created.endpoint))
-                .await?;
+            let (device_dialer, client_dialer) = ctx.relays.for_tunnel(&created.endpoint).await?;
             let token = ctx.tunnels.device_token(&created.id).await?;
-            let mut device = dialer.dial(Side::Device, &created.id, &token).await?;
-            let mut client = dialer
+            let mut device = device_dialer
+                .dial(Side::Device, &created.id, &token)
+                .await?;
+            let mut client = client_dialer
                 .dial(Side::Client, &created.id, &created.client_token)
                 .await?;
             let channels =

@@ -63,9 +63,15 @@ pub struct PeerArgs {
     /// PEM CA the relay's certificate chains to (the server's {data-dir}/tls/ca.pem).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
-    /// The relay's host:port (default: the `client_endpoint` the API returns).
+    /// The relay's host:port for every peer (default: each tunnel's `client_endpoint` from
+    /// the API, its owner node's relay).
     #[arg(long, value_name = "HOST:PORT")]
     pub relay: Option<String>,
+    /// Client peers dial the first of these relays (comma-separated host:port) that is not
+    /// their tunnel's own, so in a fleet they reach a non-owner node and cross the mesh;
+    /// device peers still dial the owner's.
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub client_relay: Vec<String>,
     /// Devices the tunnels are spread over (relay mode).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub devices: u32,
@@ -486,6 +492,71 @@ impl Tunnels {
     }
 }
 
+/// The relays the peers of API-created tunnels dial, one [`Dialer`] per host:port, made on
+/// first use: in a fleet each tunnel's endpoint names its owner node.
+pub struct Relays {
+    args: PeerArgs,
+    dialers: tokio::sync::Mutex<HashMap<String, Arc<Dialer>>>,
+}
+
+impl Relays {
+    /// No dialer yet.
+    pub fn new(args: &PeerArgs) -> Self {
+        Self {
+            args: args.clone(),
+            dialers: Default::default(),
+        }
+    }
+
+    async fn dialer(&self, host_port: &str) -> anyhow::Result<Arc<Dialer>> {
+        let mut dialers = self.dialers.lock().await;
+        if let Some(d) = dialers.get(host_port) {
+            return Ok(d.clone());
+        }
+        let args = &self.args;
+        let d = Arc::new(
+            Dialer::new(
+                host_port,
+                !args.plaintext,
+                args.ca_file.as_deref(),
+                args.family,
+                true,
+                args.source_ips,
+            )
+            .await?,
+        );
+        dialers.insert(host_port.to_string(), d.clone());
+        Ok(d)
+    }
+
+    /// The dialers for the device and the client peer of a tunnel whose endpoint is
+    /// `endpoint`: `--relay` when given, else the endpoint; the client's is the first
+    /// `--client-relay` that differs from the device's.
+    pub async fn for_tunnel(&self, endpoint: &str) -> anyhow::Result<(Arc<Dialer>, Arc<Dialer>)> {
+        let device_at = self.args.relay.as_deref().unwrap_or(endpoint);
+        let client_at = self
+            .args
+            .client_relay
+            .iter()
+            .find(|r| r.as_str() != device_at)
+            .map_or(device_at, String::as_str);
+        Ok((self.dialer(device_at).await?, self.dialer(client_at).await?))
+    }
+
+    /// Every base dialed so far (`ws://a:1 ws://b:2`), for reports.
+    pub async fn describe(&self) -> String {
+        let mut bases: Vec<String> = self
+            .dialers
+            .lock()
+            .await
+            .values()
+            .map(|d| d.base().to_string())
+            .collect();
+        bases.sort();
+        bases.join(" ")
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Direct pairing.
 
@@ -634,29 +705,20 @@ impl Pairs {
                         .await;
                 let created = created.into_iter().collect::<Result<Vec<_>, _>>()?;
                 relay_after_create = args.relay_usage()?;
-                let host_port = match (&args.relay, created.first()) {
-                    (Some(r), _) => r.clone(),
-                    (None, Some(c)) => c.endpoint.clone(),
-                    (None, None) => bail!("no tunnels"),
-                };
-                let dialer = Dialer::new(
-                    &host_port,
-                    !args.plaintext,
-                    args.ca_file.as_deref(),
-                    family,
-                    true,
-                    args.source_ips,
-                )
-                .await?;
+                if created.is_empty() {
+                    bail!("no tunnels");
+                }
+                let relays = Relays::new(args);
                 let raw = collect_pairs(created.iter().map(|c| {
-                    let (tunnels, dialer) = (&tunnels, &dialer);
+                    let (tunnels, relays) = (&tunnels, &relays);
                     async move {
+                        let (device_dialer, client_dialer) = relays.for_tunnel(&c.endpoint).await?;
                         let token = tunnels.device_token(&c.id).await?;
-                        let device = dialer
+                        let device = device_dialer
                             .dial(Side::Device, &c.id, &token)
                             .await
                             .with_context(|| format!("device peer of tunnel {}", c.id))?;
-                        let client = dialer
+                        let client = client_dialer
                             .dial(Side::Client, &c.id, &c.client_token)
                             .await
                             .with_context(|| format!("client peer of tunnel {}", c.id))?;
@@ -665,7 +727,7 @@ impl Pairs {
                     }
                 }))
                 .await?;
-                (raw, dialer.base().to_string(), Keep::Relay(tunnels))
+                (raw, relays.describe().await, Keep::Relay(tunnels))
             }
             Mode::Baseline => {
                 if family != Family::Aws {

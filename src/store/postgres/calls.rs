@@ -188,7 +188,17 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         product_owned(&tx, &account_id, &product_key).await?;
+        // Tunnel rows before the device row, the order every close takes (the counting
+        // triggers lock the device after the tunnels): no deadlock with a concurrent close.
+        query(
+            &tx,
+            "SELECT 1 FROM tunnels WHERE product_key = $1 AND device_name = $2 \
+             AND state = 'OPEN' ORDER BY seq FOR UPDATE",
+            &[&product_key, &device_name],
+        )
+        .await?;
         // Deleting locks the device row: a concurrent create_tunnel waits, then finds no device.
+        // One that committed before it is seen by the close below (a statement of its own).
         let n = execute(
             &tx,
             "DELETE FROM devices WHERE product_key = $1 AND name = $2",
@@ -214,30 +224,19 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         // The device's row lock serialises creates for one device across every node, so the
-        // count below cannot be stale when the insert lands.
-        query_opt(
+        // count it carries (kept by the triggers of migration 2) cannot be stale when the
+        // insert lands.
+        let open: i64 = query_opt(
             &tx,
-            "SELECT 1 FROM devices d JOIN products p ON p.product_key = d.product_key \
+            "SELECT d.open_tunnels FROM devices d JOIN products p ON p.product_key = d.product_key \
              WHERE d.product_key = $1 AND d.name = $2 AND p.account_id = $3 FOR UPDATE OF d",
             &[&t.product_key, &t.device_name, &t.account_id],
         )
         .await?
-        .ok_or(StoreError::NotFound)?;
-        // Counting stops at the limit, so a high limit doesn't make every create scan all of a
-        // busy device's open tunnels.
-        let limit = i64::from(t.max_open_per_device);
-        let open: i64 = query_opt(
-            &tx,
-            "SELECT COUNT(*) FROM (SELECT 1 FROM tunnels WHERE product_key = $1 \
-             AND device_name = $2 AND state = 'OPEN' LIMIT $3) open",
-            &[&t.product_key, &t.device_name, &limit],
-        )
-        .await?
-        .map(|r| r.try_get(0))
-        .transpose()
-        .map_err(db_err)?
-        .unwrap_or(0);
-        if open >= limit {
+        .ok_or(StoreError::NotFound)?
+        .try_get(0)
+        .map_err(db_err)?;
+        if open >= i64::from(t.max_open_per_device) {
             return Err(StoreError::TunnelLimit(t.max_open_per_device));
         }
         let row = query_opt(

@@ -10,7 +10,8 @@ use anyhow::Context;
 const MIGRATION_LOCK: i64 = 0x696f_7475_6e6e_656c;
 
 /// Schema migrations, applied in order; never edit one that has shipped, append a new one.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -104,7 +105,57 @@ CREATE TABLE device_channels (
     PRIMARY KEY (product_key, device_name)
 );
 CREATE INDEX device_channels_by_node ON device_channels(node_id);
-"#];
+"#,
+    // Each device's OPEN tunnels, counted by triggers in the same transaction as every change of
+    // `tunnels`, so the limit check in `create_tunnel` reads the (already locked) device row
+    // instead of counting. Inserts count per row (`create_tunnel` holds the device row's lock).
+    // Updates and deletes count per statement, from the transition tables: a statement locks
+    // all its tunnel rows before any device row, so a close (tunnel, then device) and a
+    // multi-row close or `delete_device` (tunnels, then device) always lock in the same order.
+    r#"
+ALTER TABLE devices ADD COLUMN open_tunnels BIGINT NOT NULL DEFAULT 0;
+UPDATE devices d SET open_tunnels = c.n
+FROM (SELECT product_key, device_name, COUNT(*) AS n FROM tunnels WHERE state = 'OPEN'
+      GROUP BY product_key, device_name) c
+WHERE d.product_key = c.product_key AND d.name = c.device_name;
+
+CREATE FUNCTION tunnels_count_open_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE devices SET open_tunnels = open_tunnels + 1
+    WHERE product_key = NEW.product_key AND name = NEW.device_name;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER tunnels_count_open_insert AFTER INSERT ON tunnels
+FOR EACH ROW WHEN (NEW.state = 'OPEN') EXECUTE FUNCTION tunnels_count_open_insert();
+
+CREATE FUNCTION tunnels_count_open_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE devices d SET open_tunnels = d.open_tunnels + c.delta
+    FROM (SELECT product_key, device_name, SUM(delta) AS delta FROM (
+              SELECT product_key, device_name, -1 AS delta FROM old_rows WHERE state = 'OPEN'
+              UNION ALL
+              SELECT product_key, device_name, 1 FROM new_rows WHERE state = 'OPEN') x
+          GROUP BY product_key, device_name) c
+    WHERE c.delta <> 0 AND d.product_key = c.product_key AND d.name = c.device_name;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER tunnels_count_open_update AFTER UPDATE ON tunnels
+REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION tunnels_count_open_update();
+
+CREATE FUNCTION tunnels_count_open_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE devices d SET open_tunnels = d.open_tunnels - c.n
+    FROM (SELECT product_key, device_name, COUNT(*) AS n FROM old_rows WHERE state = 'OPEN'
+          GROUP BY product_key, device_name) c
+    WHERE d.product_key = c.product_key AND d.name = c.device_name;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER tunnels_count_open_delete AFTER DELETE ON tunnels
+REFERENCING OLD TABLE AS old_rows
+FOR EACH STATEMENT EXECUTE FUNCTION tunnels_count_open_delete();
+"#,
+];
 
 /// Brings the schema up to date on `client` (a connection of its own: the lock is the
 /// session's, and it is released with the connection if this node dies midway).

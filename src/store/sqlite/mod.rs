@@ -121,6 +121,35 @@ CREATE TABLE device_channels (
 );
 CREATE INDEX device_channels_by_node ON device_channels(node_id);
 "#,
+    // Each device's OPEN tunnels, counted by triggers in the same transaction as every change of
+    // `tunnels` (no code path can forget one), so the per-device limit check in `create_tunnel`
+    // reads one row instead of counting the device's OPEN tunnels.
+    r#"
+ALTER TABLE devices ADD COLUMN open_tunnels INTEGER NOT NULL DEFAULT 0;
+UPDATE devices SET open_tunnels = (SELECT COUNT(*) FROM tunnels t
+    WHERE t.product_key = devices.product_key AND t.device_name = devices.name
+    AND t.state = 'OPEN');
+CREATE TRIGGER tunnels_count_open_insert AFTER INSERT ON tunnels WHEN new.state = 'OPEN'
+BEGIN
+    UPDATE devices SET open_tunnels = open_tunnels + 1
+    WHERE product_key = new.product_key AND name = new.device_name;
+END;
+CREATE TRIGGER tunnels_count_open_update
+AFTER UPDATE OF state, product_key, device_name ON tunnels
+WHEN old.state IS NOT new.state OR old.product_key IS NOT new.product_key
+    OR old.device_name IS NOT new.device_name
+BEGIN
+    UPDATE devices SET open_tunnels = open_tunnels - 1
+    WHERE old.state = 'OPEN' AND product_key = old.product_key AND name = old.device_name;
+    UPDATE devices SET open_tunnels = open_tunnels + 1
+    WHERE new.state = 'OPEN' AND product_key = new.product_key AND name = new.device_name;
+END;
+CREATE TRIGGER tunnels_count_open_delete AFTER DELETE ON tunnels WHEN old.state = 'OPEN'
+BEGIN
+    UPDATE devices SET open_tunnels = open_tunnels - 1
+    WHERE product_key = old.product_key AND name = old.device_name;
+END;
+"#,
 ];
 
 trait Job: Send {
@@ -627,28 +656,17 @@ impl Store for SqliteStore {
     async fn create_tunnel(&self, t: NewTunnel) -> StoreResult<Tunnel> {
         self.call(move |c| {
             product_owned(c, &t.account_id, &t.product_key)?;
-            let exists = c
-                .prepare_cached("SELECT 1 FROM devices WHERE product_key = ?1 AND name = ?2")
-                .and_then(|mut s| s.exists(params![t.product_key, t.device_name]))
-                .map_err(backend)?;
-            if !exists {
-                return Err(StoreError::NotFound);
-            }
-            // Counting stops at the limit, so a high limit doesn't make every create scan all
-            // of a busy device's open tunnels.
-            let open: u32 = c
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM tunnels WHERE product_key = ?1 \
-                     AND device_name = ?2 AND state = 'OPEN' LIMIT ?3)",
-                )
-                .and_then(|mut s| {
-                    s.query_row(
-                        params![t.product_key, t.device_name, t.max_open_per_device],
-                        |r| r.get(0),
-                    )
-                })
-                .map_err(backend)?;
-            if open >= t.max_open_per_device {
+            // One row, whatever the device holds: the triggers of migration 4 keep the count.
+            let open: i64 = query_row(
+                c,
+                "SELECT open_tunnels FROM devices WHERE product_key = ?1 AND name = ?2",
+                params![t.product_key, t.device_name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?
+            .ok_or(StoreError::NotFound)?;
+            if open >= i64::from(t.max_open_per_device) {
                 return Err(StoreError::TunnelLimit(t.max_open_per_device));
             }
             let services = serde_json::to_string(&t.services).unwrap_or_else(|_| "[]".into());
