@@ -14,7 +14,7 @@
 //! Every node heartbeats into the `nodes` table; one silent for `node_dead_after_ms` is dead:
 //! its channels count as offline and its tunnels get new owners.
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -30,6 +30,10 @@ use crate::token::SecretHash;
 
 /// The lease whose holder sweeps lifecycles and re-places dead nodes' tunnels.
 const LEADER_LEASE: &str = "leader";
+/// The leader looks for dead owners in the store itself every 30 heartbeats (30 s by default)
+/// even when its index knows of none: cheap at that rate, and it bounds what a lost bus message
+/// can delay.
+const FULL_CHECK_BEATS: u64 = 30;
 
 /// What one node tells the others (JSON on the store's bus).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +170,8 @@ pub struct Fleet {
     nodes: RwLock<Vec<NodeRecord>>,
     leader: AtomicBool,
     draining: AtomicBool,
+    /// Heartbeats so far.
+    beats: AtomicU64,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -188,6 +194,7 @@ impl Fleet {
             me: Mutex::new(me),
             leader: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            beats: AtomicU64::new(0),
         }
     }
 
@@ -417,7 +424,16 @@ impl ControlPlane {
         if leader != self.fleet.leader.swap(leader, Ordering::Relaxed) {
             tracing::info!(node_id = %self.fleet.node_id, leader, "fleet leadership changed");
         }
-        if leader && self.fleet.shared {
+        // Counting OPEN tunnels by owner in the store costs O(open tunnels): do it when this
+        // node's index says a dead node still owns some, and every FULL_CHECK_BEATS beats in
+        // case the index missed one (a gap in the bus).
+        let beat = self.fleet.beats.fetch_add(1, Ordering::Relaxed);
+        let suspect = self
+            .fleet
+            .nodes()
+            .iter()
+            .any(|n| !is_live(n, now, dead_after) && self.index.owned_by(&n.node_id) > 0);
+        if leader && self.fleet.shared && (suspect || beat.is_multiple_of(FULL_CHECK_BEATS)) {
             self.replace_dead_owners(now, dead_after).await?;
         }
         Ok(())
