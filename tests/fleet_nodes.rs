@@ -297,6 +297,16 @@ async fn one_leader_and_a_dead_nodes_tunnels_move_to_live_nodes() {
         .cloned()
         .unwrap();
     assert_eq!(dead_row["state"], "dead", "{v}");
+    // Its row no longer claims the tunnels that moved.
+    wait_for(|| async {
+        let (_, v) = survivor.get("/v1/nodes", ADMIN_KEY).await;
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node_id"] == dead_id.as_str() && n["open_tunnels"] == 0)
+    })
+    .await;
     assert_eq!(survivor.server().control.index.owned_here(), 4);
     // Its metrics count what it owns now, and the fleet as it sees it.
     let metrics = reqwest::get(format!("http://{}/metrics", survivor.server().metrics_addr))

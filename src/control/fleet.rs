@@ -468,7 +468,13 @@ impl ControlPlane {
                 continue;
             }
             tracing::warn!(dead_node = %owner, tunnels = count, "re-placing a dead node's tunnels");
-            self.move_tunnels(owner, targets.clone(), now).await?;
+            self.move_tunnels(owner.clone(), targets.clone(), now)
+                .await?;
+            // Its row stops claiming what it no longer holds (node list, placement).
+            if let Some(mut row) = self.fleet.nodes().into_iter().find(|n| n.node_id == owner) {
+                (row.open_tunnels, row.device_channels) = (0, 0);
+                self.store.upsert_node(row).await?;
+            }
         }
         Ok(())
     }
