@@ -182,6 +182,11 @@ impl TunnelIndex {
         device_hash: SecretHash,
         owner_node: Option<&str>,
     ) {
+        if self.closed_by_tunnel.contains_key(tunnel_id) {
+            // CLOSED is final: a late fleet message (a re-placement published before the close
+            // reached this node) must not reopen it.
+            return;
+        }
         let current = self.by_tunnel.get(tunnel_id).map(|o| o.clone());
         if let Some(cur) = &current {
             if cur.hashes == [client_hash, device_hash] && cur.owner.as_deref() == owner_node {
@@ -481,6 +486,17 @@ mod tests {
         assert!(idx.is_closed_token(&[1; 32]) && idx.is_closed_token(&[3; 32]));
         idx.remove("t1");
         assert!(!idx.is_closed_token(&[1; 32]));
+    }
+
+    #[test]
+    fn a_late_insert_never_reopens_a_closed_tunnel() {
+        let idx = TunnelIndex::new(2);
+        idx.insert("t1", &[], 0, [1; 32], [2; 32], Some("n2"));
+        idx.close("t1");
+        // A re-placement's message published before the close arrives after it.
+        idx.insert("t1", &[], 0, [1; 32], [2; 32], Some("n3"));
+        assert!(idx.lookup(&[1; 32]).is_none() && idx.is_closed_token(&[1; 32]));
+        assert_eq!((idx.len(), idx.owned_by("n3")), (0, 0));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! Every node heartbeats into the `nodes` table; one silent for `node_dead_after_ms` is dead:
 //! its channels count as offline and its tunnels get new owners.
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -172,6 +172,11 @@ pub struct Fleet {
     draining: AtomicBool,
     /// Heartbeats so far.
     beats: AtomicU64,
+    /// Since when every heartbeat of this node has gone through (`i64::MAX`: the last one
+    /// failed, or none yet).
+    steady_since: AtomicI64,
+    /// Whether a re-placement is running.
+    replacing: AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -195,6 +200,8 @@ impl Fleet {
             leader: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             beats: AtomicU64::new(0),
+            steady_since: AtomicI64::new(i64::MAX),
+            replacing: AtomicBool::new(false),
         }
     }
 
@@ -380,11 +387,18 @@ impl ControlPlane {
 
     /// Reloads the index from the store: after a gap in the bus, messages may have been lost.
     pub async fn resync_index(&self) -> crate::store::StoreResult<()> {
+        // Listed before the snapshot: a tunnel created meanwhile is in the snapshot or not
+        // listed, never taken for closed.
+        let indexed = self.index.open_ids();
         let open = self.store.all_open_tunnels().await?;
         let ids: std::collections::HashSet<&str> = open.iter().map(|t| t.id.as_str()).collect();
-        for id in self.index.open_ids() {
+        for id in indexed {
             if !ids.contains(&*id) {
                 self.index.close(&id);
+                let _ = self.relay.send(RelayCommand::CloseTunnel {
+                    tunnel_id: id.to_string(),
+                    reason: CloseReason::Closed,
+                });
             }
         }
         for t in &open {
@@ -403,9 +417,10 @@ impl ControlPlane {
         me.clone()
     }
 
-    /// One heartbeat: writes this node's row, reads every node's, takes or renews the leader
-    /// lease, and as leader re-places the tunnels of dead nodes.
-    pub async fn heartbeat(&self) -> crate::store::StoreResult<()> {
+    /// One heartbeat: writes this node's row, reads every node's, and takes or renews the
+    /// leader lease. Returns whether the leader should now look for dead owners
+    /// ([`ControlPlane::replace_dead_owners`], which [`run_heartbeat`] runs beside the beats).
+    pub async fn heartbeat(&self) -> crate::store::StoreResult<bool> {
         let now = self.clock.now_ms();
         let dead_after = self.settings.node_dead_after_ms as i64;
         self.store.upsert_node(self.my_record(now)).await?;
@@ -424,6 +439,15 @@ impl ControlPlane {
         if leader != self.fleet.leader.swap(leader, Ordering::Relaxed) {
             tracing::info!(node_id = %self.fleet.node_id, leader, "fleet leadership changed");
         }
+        // After an outage of the database (or a start of this node), every other node looks
+        // dead until it has had a dead-after window to heartbeat again: judge nobody before
+        // this node's own beats have gone through for that long.
+        let steady_since = self.fleet.steady_since.load(Ordering::Relaxed);
+        if steady_since == i64::MAX {
+            self.fleet.steady_since.store(now, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let steady = now - steady_since >= dead_after;
         // Counting OPEN tunnels by owner in the store costs O(open tunnels): do it when this
         // node's index says a dead node still owns some, and every FULL_CHECK_BEATS beats in
         // case the index missed one (a gap in the bus).
@@ -433,10 +457,10 @@ impl ControlPlane {
             .nodes()
             .iter()
             .any(|n| !is_live(n, now, dead_after) && self.index.owned_by(&n.node_id) > 0);
-        if leader && self.fleet.shared && (suspect || beat.is_multiple_of(FULL_CHECK_BEATS)) {
-            self.replace_dead_owners(now, dead_after).await?;
-        }
-        Ok(())
+        Ok(leader
+            && steady
+            && self.fleet.shared
+            && (suspect || beat.is_multiple_of(FULL_CHECK_BEATS)))
     }
 
     /// Live nodes that take tunnels (not draining), this one included unless it drains.
@@ -456,11 +480,10 @@ impl ControlPlane {
         out
     }
 
-    async fn replace_dead_owners(
-        &self,
-        now: Millis,
-        dead_after: i64,
-    ) -> crate::store::StoreResult<()> {
+    /// As leader: moves the OPEN tunnels of dead nodes to live ones.
+    pub async fn replace_dead_owners(&self) -> crate::store::StoreResult<()> {
+        let now = self.clock.now_ms();
+        let dead_after = self.settings.node_dead_after_ms as i64;
         let owners = self.store.open_tunnels_by_owner().await?;
         let targets = self.placeable_nodes(now, dead_after);
         for (owner, count) in owners {
@@ -468,13 +491,7 @@ impl ControlPlane {
                 continue;
             }
             tracing::warn!(dead_node = %owner, tunnels = count, "re-placing a dead node's tunnels");
-            self.move_tunnels(owner.clone(), targets.clone(), now)
-                .await?;
-            // Its row stops claiming what it no longer holds (node list, placement).
-            if let Some(mut row) = self.fleet.nodes().into_iter().find(|n| n.node_id == owner) {
-                (row.open_tunnels, row.device_channels) = (0, 0);
-                self.store.upsert_node(row).await?;
-            }
+            self.move_tunnels(owner, targets.clone(), now).await?;
         }
         Ok(())
     }
@@ -534,18 +551,30 @@ impl ControlPlane {
     }
 }
 
-/// Heartbeats every `heartbeat_interval_ms` until shutdown.
+/// Heartbeats every `heartbeat_interval_ms` until shutdown; as leader, re-places dead nodes'
+/// tunnels in a task of its own, so a long re-placement never delays this node's beats.
 pub async fn run_heartbeat(cp: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker =
         tokio::time::interval(Duration::from_millis(cp.settings.heartbeat_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
-                if let Err(e) = cp.heartbeat().await {
+            _ = ticker.tick() => match cp.heartbeat().await {
+                Ok(true) if !cp.fleet.replacing.swap(true, Ordering::AcqRel) => {
+                    let cp = cp.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = cp.replace_dead_owners().await {
+                            tracing::warn!(error = %e, "re-placement failed; will retry");
+                        }
+                        cp.fleet.replacing.store(false, Ordering::Release);
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    cp.fleet.steady_since.store(i64::MAX, Ordering::Relaxed);
                     tracing::warn!(error = %e, "fleet heartbeat failed; will retry");
                 }
-            }
+            },
             _ = shutdown.changed() => return,
         }
     }
@@ -557,7 +586,6 @@ pub async fn run_bus(
     mut rx: mpsc::UnboundedReceiver<BusEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut first = true;
     loop {
         let ev = tokio::select! {
             ev = rx.recv() => match ev { Some(ev) => ev, None => return },
@@ -568,11 +596,10 @@ pub async fn run_bus(
                 Ok(msg) => cp.apply_fleet_msg(msg).await,
                 Err(e) => tracing::warn!(error = %e, "ignored a malformed fleet message"),
             },
-            // The first subscription precedes the index's load at start; later ones follow a
-            // gap in which messages may have been lost.
-            BusEvent::Resynced if first => first = false,
+            // Every (re)subscription, the first included (it may land after the index was
+            // loaded at start), follows a gap in which messages may have been lost.
             BusEvent::Resynced => {
-                tracing::info!("fleet bus reconnected; reloading the tunnel index");
+                tracing::info!("fleet bus (re)subscribed; reloading the tunnel index");
                 if let Err(e) = cp.resync_index().await {
                     tracing::warn!(error = %e, "cannot reload the tunnel index");
                 }

@@ -151,9 +151,9 @@ pub struct NodeView {
     pub heartbeat_at: String,
     /// RFC 3339 time it started.
     pub started_at: String,
-    /// OPEN tunnels it owns, as of its last heartbeat.
+    /// OPEN tunnels it owns, as of its last heartbeat (0 once dead).
     pub open_tunnels: u64,
-    /// Device channels connected to it, as of its last heartbeat.
+    /// Device channels connected to it, as of its last heartbeat (0 once dead).
     pub device_channels: u64,
     /// Its relay shards.
     pub shards: u32,
@@ -165,6 +165,12 @@ impl NodeView {
     /// A node as seen at `now`.
     pub fn new(n: crate::store::NodeRecord, now: i64, dead_after_ms: i64) -> Self {
         let live = super::fleet::is_live(&n, now, dead_after_ms);
+        // A dead node's last counts are history: its tunnels move and its channels are offline.
+        let (open_tunnels, device_channels) = if live {
+            (n.open_tunnels, n.device_channels)
+        } else {
+            (0, 0)
+        };
         Self {
             state: if live { "live" } else { "dead" }.into(),
             heartbeat_at: rfc3339(n.heartbeat_at),
@@ -174,8 +180,8 @@ impl NodeView {
             api_url: n.api_url,
             mesh_addr: n.mesh_addr,
             draining: n.draining,
-            open_tunnels: n.open_tunnels,
-            device_channels: n.device_channels,
+            open_tunnels,
+            device_channels,
             shards: n.shards,
             version: n.version,
         }
