@@ -178,6 +178,17 @@ async fn any_node_serves_the_whole_api_and_reaches_the_device() {
     }
     assert_eq!(owners.len(), 3, "{owners:?}");
 
+    // A connect too large for a NOTIFY (4 KiB of custom info, escaped twice on the bus) still
+    // reaches the channel on another node.
+    let custom_info = "\"".repeat(4096);
+    let body = json!({ "product_key": product_key, "device_name": "dev-1",
+        "custom_info": custom_info });
+    let (s, v) = a.post("/v1/tunnels", &key, body).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let note = next_about(&mut ch, v["tunnel_id"].as_str().unwrap()).await;
+    assert_eq!(note["operation"], "connect");
+    assert_eq!(note["custom_info"], custom_info.as_str());
+
     // Describe and close from C; the device hears the close on B; every node's index forgets
     // the tunnel's tokens.
     let id = &created[0];

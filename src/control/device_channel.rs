@@ -229,6 +229,10 @@ impl Drop for Registration {
             let (cp, (pk, dn)) = (self.cp.clone(), self.key.clone());
             // Only this node's record goes: a newer channel elsewhere keeps the device online.
             tokio::spawn(async move {
+                // A newer channel of the device on this node keeps the record.
+                if cp.channels.is_online(&pk, &dn) {
+                    return;
+                }
                 let node = cp.fleet.node_id.clone();
                 if let Err(e) = cp.store.clear_device_channel(pk, dn, node).await {
                     tracing::warn!(error = %e, "cannot clear device presence");

@@ -28,6 +28,10 @@ use crate::seam::{CloseReason, MeshRoutes, RelayCommand, Side};
 use crate::store::{BusEvent, NodeRecord, Tunnel};
 use crate::token::SecretHash;
 
+/// The longest device message sent inline on the bus: PostgreSQL refuses NOTIFY payloads of
+/// 8000 bytes or more, and the text is escaped once more inside the message (up to 2x).
+pub const MAX_INLINE_TEXT: usize = 3_000;
+
 /// The lease whose holder sweeps lifecycles and re-places dead nodes' tunnels.
 const LEADER_LEASE: &str = "leader";
 /// The leader looks for dead owners in the store itself every 30 heartbeats (30 s by default)
@@ -84,6 +88,18 @@ pub enum FleetMsg {
         /// The JSON notification, or `None` for "the device was deleted".
         text: Option<String>,
     },
+    /// A `connect` for a device's channel, to be built from the store by the node holding it
+    /// (sent instead of [`FleetMsg::Device`] when the text would not fit a NOTIFY).
+    DeviceConnect {
+        /// The node that sent it.
+        from: String,
+        /// The device's product.
+        product_key: String,
+        /// The device.
+        device_name: String,
+        /// The OPEN tunnel to connect to.
+        tunnel_id: String,
+    },
     /// The device's channel connected to `from`: an older channel elsewhere is replaced.
     Channel {
         /// The node that sent it.
@@ -103,6 +119,7 @@ impl FleetMsg {
             | FleetMsg::Delete { from, .. }
             | FleetMsg::Rotate { from, .. }
             | FleetMsg::Device { from, .. }
+            | FleetMsg::DeviceConnect { from, .. }
             | FleetMsg::Channel { from, .. } => from,
         }
     }
@@ -345,6 +362,30 @@ impl ControlPlane {
             } => {
                 let msg = text.map_or(ChannelMsg::DeviceDeleted, ChannelMsg::Text);
                 self.channels.send(&product_key, &device_name, msg);
+            }
+            FleetMsg::DeviceConnect {
+                product_key,
+                device_name,
+                tunnel_id,
+                ..
+            } => {
+                if !self.channels.is_online(&product_key, &device_name) {
+                    return;
+                }
+                let open = self
+                    .store
+                    .open_tunnels_of_device(product_key.clone(), device_name.clone())
+                    .await;
+                match open {
+                    Ok(open) => {
+                        if let Some(t) = open.iter().find(|t| t.id == tunnel_id) {
+                            let text = self.connect_notification(t);
+                            self.channels
+                                .send(&product_key, &device_name, ChannelMsg::Text(text));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, %tunnel_id, "cannot build a connect"),
+                }
             }
             FleetMsg::Channel {
                 product_key,

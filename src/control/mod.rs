@@ -181,25 +181,49 @@ impl ControlPlane {
                 }
             }
         }
-        self.send_to_channel(product_key, device_name, Some(native))
+        let tunnel_id = match event {
+            DeviceEvent::Connect(t) => Some(t.id.as_str()),
+            DeviceEvent::Close { .. } => None,
+        };
+        self.send_to_channel(product_key, device_name, Some(native), tunnel_id)
             .await;
     }
 
     /// Queues a message (`None`: "deleted") for the device's channel, here or on the node that
-    /// holds it.
-    async fn send_to_channel(&self, product_key: &str, device_name: &str, text: Option<String>) {
+    /// holds it. A `connect` too large for the bus (custom info of up to 4 KiB, escaped twice)
+    /// travels as its tunnel id, and the node holding the channel builds it from the store.
+    async fn send_to_channel(
+        &self,
+        product_key: &str,
+        device_name: &str,
+        text: Option<String>,
+        connect_of: Option<&str>,
+    ) {
         if self.channels.is_online(product_key, device_name) || !self.fleet.shared {
             let msg = text.map_or(ChannelMsg::DeviceDeleted, ChannelMsg::Text);
             self.channels.send(product_key, device_name, msg);
             return;
         }
-        self.publish(fleet::FleetMsg::Device {
-            from: self.fleet.node_id.clone(),
-            product_key: product_key.into(),
-            device_name: device_name.into(),
-            text,
-        })
-        .await;
+        let from = self.fleet.node_id.clone();
+        let (product_key, device_name) = (product_key.to_string(), device_name.to_string());
+        let too_big = text
+            .as_ref()
+            .is_some_and(|t| t.len() > fleet::MAX_INLINE_TEXT);
+        let msg = match connect_of {
+            Some(tunnel_id) if too_big => fleet::FleetMsg::DeviceConnect {
+                from,
+                product_key,
+                device_name,
+                tunnel_id: tunnel_id.into(),
+            },
+            _ => fleet::FleetMsg::Device {
+                from,
+                product_key,
+                device_name,
+                text,
+            },
+        };
+        self.publish(msg).await;
     }
 
     /// The account an API key belongs to.
@@ -480,7 +504,8 @@ impl ControlPlane {
         for t in &closed {
             self.after_close(t, CloseReason::DeviceDeleted).await;
         }
-        self.send_to_channel(product_key, device_name, None).await;
+        self.send_to_channel(product_key, device_name, None, None)
+            .await;
         if let Some(mqtt) = &self.mqtt {
             mqtt.publish_device_deleted(product_key, device_name);
         }
