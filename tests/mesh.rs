@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::peers::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use iotunnel::clock::{Clock, SystemClock};
 use iotunnel::config::IoDriver;
 use iotunnel::proto::aws::MessageType;
@@ -25,10 +25,8 @@ use iotunnel::relay::{
 use iotunnel::seam::{CloseReason, DataPlaneSeam, MeshRoutes, RelayCommand, TunnelIndex};
 use iotunnel::token;
 use rustls::pki_types::ServerName;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 on_both_drivers! {
     aws_v3_pairs_across_nodes;
@@ -237,58 +235,6 @@ async fn exchange(device: &mut AwsPeer, client: &mut AwsPeer) {
         client.next_message().await.payload.as_ref(),
         b"to the client"
     );
-}
-
-/// Sends `total` bytes of DATA (63 KiB messages) of xorshift bytes; returns their SHA-256.
-async fn send_bulk<S>(mut sink: S, total: usize, seed: u64) -> Vec<u8>
-where
-    S: futures_util::Sink<WsMessage> + Unpin,
-    S::Error: std::fmt::Debug,
-{
-    const CHUNK: usize = 64_512;
-    let (mut hash, mut state, mut sent) = (Sha256::new(), seed, 0);
-    while sent < total {
-        let n = CHUNK.min(total - sent);
-        let mut payload = vec![0u8; n];
-        for word in payload.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-        }
-        hash.update(&payload);
-        let frame = encode_stream(&[data(1, "", 1, &payload)]);
-        within("bulk send", sink.send(WsMessage::Binary(frame.into())))
-            .await
-            .expect("bulk frame sent");
-        sent += n;
-    }
-    hash.finalize().to_vec()
-}
-
-/// Receives `total` bytes of DATA; returns their SHA-256.
-async fn receive_bulk<R>(mut stream: R, total: usize) -> Vec<u8>
-where
-    R: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
-        + Unpin,
-{
-    let (mut hash, mut reader, mut received) = (Sha256::new(), MessageReader::default(), 0);
-    while received < total {
-        let msg = within("bulk receive", stream.next())
-            .await
-            .expect("stream open")
-            .expect("no error");
-        let WsMessage::Binary(frame) = msg else {
-            continue;
-        };
-        reader.feed(&frame);
-        while let Some(m) = reader.next() {
-            hash.update(&m.payload);
-            received += m.payload.len();
-        }
-    }
-    assert_eq!(received, total);
-    hash.finalize().to_vec()
 }
 
 /// Device on the owner (b), client forwarded from a: 8 MiB each way at once hash the same;

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use common::peers::*;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use iotunnel::config::IoDriver;
 use iotunnel::proto::aws::{Message, MessageType};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 on_both_drivers! {
@@ -405,8 +404,6 @@ async fn messages_cross_frame_boundaries_intact(driver: IoDriver) {
 async fn bulk_256_mib_both_directions_at_once(driver: IoDriver) {
     /// Bytes each way.
     const TOTAL: usize = 256 << 20;
-    /// The largest DATA payload (PROTOCOLS.md: 63 KiB).
-    const CHUNK: usize = 64_512;
     let t = relay_server(driver, |_| {}).await;
     let relay = Relay::of(&t);
     let mut f = t.online_device().await;
@@ -416,67 +413,12 @@ async fn bulk_256_mib_both_directions_at_once(driver: IoDriver) {
     client.send(&stream_start(1, "SSH", 1)).await;
     assert!(is(&device.next_message().await, MessageType::StreamStart));
 
-    async fn send_all<S>(mut sink: S, seed: u64) -> Vec<u8>
-    where
-        S: futures_util::Sink<WsMessage> + Unpin,
-        S::Error: std::fmt::Debug,
-    {
-        let mut hash = Sha256::new();
-        let mut state = seed;
-        let mut sent = 0;
-        while sent < TOTAL {
-            let n = CHUNK.min(TOTAL - sent);
-            let mut payload = vec![0u8; n];
-            for word in payload.chunks_mut(8) {
-                // xorshift64: cheap bytes that no relay bug reproduces by accident.
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-            }
-            hash.update(&payload);
-            let frame = encode_stream(&[data(1, "", 1, &payload)]);
-            within("bulk send", sink.send(WsMessage::Binary(frame.into())))
-                .await
-                .expect("bulk frame sent");
-            sent += n;
-        }
-        hash.finalize().to_vec()
-    }
-
-    async fn receive_all<R>(mut stream: R) -> Vec<u8>
-    where
-        R: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
-            + Unpin,
-    {
-        let mut hash = Sha256::new();
-        let mut reader = MessageReader::default();
-        let mut received = 0;
-        while received < TOTAL {
-            let msg = within("bulk receive", stream.next())
-                .await
-                .expect("stream open")
-                .expect("no error");
-            let WsMessage::Binary(frame) = msg else {
-                continue;
-            };
-            reader.feed(&frame);
-            while let Some(m) = reader.next() {
-                assert!(is(&m, MessageType::Data) && m.stream_id == 1);
-                hash.update(&m.payload);
-                received += m.payload.len();
-            }
-        }
-        assert_eq!(received, TOTAL);
-        hash.finalize().to_vec()
-    }
-
     let (client_tx, client_rx) = client.ws.split();
     let (device_tx, device_rx) = device.ws.split();
-    let up_sent = tokio::spawn(send_all(client_tx, 0x9E37_79B9_7F4A_7C15));
-    let down_sent = tokio::spawn(send_all(device_tx, 0xD1B5_4A32_D192_ED03));
-    let up_received = tokio::spawn(receive_all(device_rx));
-    let down_received = tokio::spawn(receive_all(client_rx));
+    let up_sent = tokio::spawn(send_bulk(client_tx, TOTAL, 0x9E37_79B9_7F4A_7C15));
+    let down_sent = tokio::spawn(send_bulk(device_tx, TOTAL, 0xD1B5_4A32_D192_ED03));
+    let up_received = tokio::spawn(receive_bulk(device_rx, TOTAL));
+    let down_received = tokio::spawn(receive_bulk(client_rx, TOTAL));
     let limit = Duration::from_secs(600);
     let (a, b, c, d) = within_for(limit, "512 MiB through the relay", async {
         tokio::join!(up_sent, down_sent, up_received, down_received)

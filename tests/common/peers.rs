@@ -888,6 +888,62 @@ pub fn data_stream_of_len(total: usize, seed: u8) -> Vec<u8> {
     out
 }
 
+/// Sends `total` bytes of stream 1 DATA (63 KiB messages, the largest PROTOCOLS.md allows) of
+/// xorshift bytes from `seed`; returns their SHA-256.
+pub async fn send_bulk<S>(mut sink: S, total: usize, seed: u64) -> Vec<u8>
+where
+    S: futures_util::Sink<WsMessage> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    use sha2::{Digest, Sha256};
+    const CHUNK: usize = 64_512;
+    let (mut hash, mut state, mut sent) = (Sha256::new(), seed, 0);
+    while sent < total {
+        let n = CHUNK.min(total - sent);
+        let mut payload = vec![0u8; n];
+        for word in payload.chunks_mut(8) {
+            // xorshift64: cheap bytes that no relay bug reproduces by accident.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+        hash.update(&payload);
+        let frame = encode_stream(&[data(1, "", 1, &payload)]);
+        within("bulk send", sink.send(WsMessage::Binary(frame.into())))
+            .await
+            .expect("bulk frame sent");
+        sent += n;
+    }
+    hash.finalize().to_vec()
+}
+
+/// Receives `total` bytes of stream 1 DATA (nothing else may arrive); returns their SHA-256.
+pub async fn receive_bulk<R>(mut stream: R, total: usize) -> Vec<u8>
+where
+    R: futures_util::Stream<Item = Result<WsMessage, tungstenite::Error>> + Unpin,
+{
+    use sha2::{Digest, Sha256};
+    let (mut hash, mut reader, mut received) = (Sha256::new(), MessageReader::default(), 0);
+    while received < total {
+        let msg = within("bulk receive", stream.next())
+            .await
+            .expect("stream open")
+            .expect("no error");
+        let WsMessage::Binary(frame) = msg else {
+            continue;
+        };
+        reader.feed(&frame);
+        while let Some(m) = reader.next() {
+            assert!(m.r#type == MessageType::Data as i32 && m.stream_id == 1);
+            hash.update(&m.payload);
+            received += m.payload.len();
+        }
+    }
+    assert_eq!(received, total);
+    hash.finalize().to_vec()
+}
+
 /// Collects `[u16 length][Message]` messages from a byte stream fed in arbitrary pieces.
 #[derive(Default)]
 pub struct MessageReader {
