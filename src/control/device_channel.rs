@@ -206,7 +206,6 @@ pub async fn connect(
             )
             .await?;
         cp.publish(super::fleet::FleetMsg::Channel {
-            from: cp.fleet.node_id.clone(),
             product_key: pk,
             device_name: dn,
         })

@@ -45,15 +45,11 @@ const FULL_CHECK_BEATS: u64 = 30;
 pub enum FleetMsg {
     /// A tunnel is OPEN with these tokens and this owner (created, or re-placed).
     Index {
-        /// The node that sent it.
-        from: String,
         /// The tunnel.
         entry: IndexEntry,
     },
     /// A tunnel closed.
     Close {
-        /// The node that sent it.
-        from: String,
         /// The tunnel.
         tunnel_id: String,
         /// Why (`closed`, `expired`, `device_deleted`).
@@ -61,15 +57,11 @@ pub enum FleetMsg {
     },
     /// A tunnel was deleted.
     Delete {
-        /// The node that sent it.
-        from: String,
         /// The tunnel.
         tunnel_id: String,
     },
     /// A side's token was replaced.
     Rotate {
-        /// The node that sent it.
-        from: String,
         /// The tunnel.
         tunnel_id: String,
         /// The side.
@@ -79,8 +71,6 @@ pub enum FleetMsg {
     },
     /// A message for a device's channel, delivered by the node holding it.
     Device {
-        /// The node that sent it.
-        from: String,
         /// The device's product.
         product_key: String,
         /// The device.
@@ -91,8 +81,6 @@ pub enum FleetMsg {
     /// A `connect` for a device's channel, to be built from the store by the node holding it
     /// (sent instead of [`FleetMsg::Device`] when the text would not fit a NOTIFY).
     DeviceConnect {
-        /// The node that sent it.
-        from: String,
         /// The device's product.
         product_key: String,
         /// The device.
@@ -100,10 +88,9 @@ pub enum FleetMsg {
         /// The OPEN tunnel to connect to.
         tunnel_id: String,
     },
-    /// The device's channel connected to `from`: an older channel elsewhere is replaced.
+    /// The device's channel connected to the sending node: an older channel elsewhere is
+    /// replaced.
     Channel {
-        /// The node that sent it.
-        from: String,
         /// The device's product.
         product_key: String,
         /// The device.
@@ -111,18 +98,12 @@ pub enum FleetMsg {
     },
 }
 
-impl FleetMsg {
-    fn from(&self) -> &str {
-        match self {
-            FleetMsg::Index { from, .. }
-            | FleetMsg::Close { from, .. }
-            | FleetMsg::Delete { from, .. }
-            | FleetMsg::Rotate { from, .. }
-            | FleetMsg::Device { from, .. }
-            | FleetMsg::DeviceConnect { from, .. }
-            | FleetMsg::Channel { from, .. } => from,
-        }
-    }
+/// A [`FleetMsg`] as it travels: stamped with the node that sent it, so each node skips its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Envelope {
+    from: String,
+    #[serde(flatten)]
+    msg: FleetMsg,
 }
 
 /// What the index needs of an OPEN tunnel.
@@ -309,7 +290,11 @@ impl ControlPlane {
         if !self.fleet.shared {
             return;
         }
-        let payload = match serde_json::to_string(&msg) {
+        let envelope = Envelope {
+            from: self.fleet.node_id.clone(),
+            msg,
+        };
+        let payload = match serde_json::to_string(&envelope) {
             Ok(p) => p,
             Err(e) => return tracing::warn!(error = %e, "cannot encode a fleet message"),
         };
@@ -320,9 +305,6 @@ impl ControlPlane {
 
     /// Applies a message from another node.
     pub async fn apply_fleet_msg(&self, msg: FleetMsg) {
-        if msg.from() == self.fleet.node_id {
-            return;
-        }
         match msg {
             FleetMsg::Index { entry, .. } => self.index_entry(&entry),
             FleetMsg::Close {
@@ -550,7 +532,6 @@ impl ControlPlane {
             // Our own peers of a moved tunnel are evicted by `index_entry`.
             self.index_tunnel(t);
             self.publish(FleetMsg::Index {
-                from: self.fleet.node_id.clone(),
                 entry: IndexEntry::of(t),
             })
             .await;
@@ -633,8 +614,10 @@ pub async fn run_bus(
             _ = shutdown.changed() => return,
         };
         match ev {
-            BusEvent::Message(payload) => match serde_json::from_str::<FleetMsg>(&payload) {
-                Ok(msg) => cp.apply_fleet_msg(msg).await,
+            BusEvent::Message(payload) => match serde_json::from_str::<Envelope>(&payload) {
+                // This node did its own part before it published.
+                Ok(e) if e.from == cp.fleet.node_id => {}
+                Ok(e) => cp.apply_fleet_msg(e.msg).await,
                 Err(e) => tracing::warn!(error = %e, "ignored a malformed fleet message"),
             },
             // Every (re)subscription, the first included (it may land after the index was
@@ -655,15 +638,18 @@ mod tests {
 
     #[test]
     fn messages_round_trip_as_json() {
-        let msg = FleetMsg::Rotate {
+        let msg = Envelope {
             from: "n1".into(),
-            tunnel_id: "t".into(),
-            side: Side::Client,
-            hash: hex::encode([7u8; 32]),
+            msg: FleetMsg::Rotate {
+                tunnel_id: "t".into(),
+                side: Side::Client,
+                hash: hex::encode([7u8; 32]),
+            },
         };
         let text = serde_json::to_string(&msg).unwrap();
         assert!(text.contains(r#""op":"rotate""#), "{text}");
-        assert_eq!(serde_json::from_str::<FleetMsg>(&text).unwrap(), msg);
+        assert!(text.contains(r#""from":"n1""#), "{text}");
+        assert_eq!(serde_json::from_str::<Envelope>(&text).unwrap(), msg);
     }
 
     fn node(id: &str, beat: Millis, open: u64) -> NodeRecord {

@@ -35,7 +35,6 @@ pub async fn sweep_once(cp: &ControlPlane) -> StoreResult<SweepReport> {
         // A tunnel purged while still OPEN (retention shorter than its lifetime) must stop too.
         cp.index.remove(id);
         cp.publish(super::fleet::FleetMsg::Delete {
-            from: cp.fleet.node_id.clone(),
             tunnel_id: id.clone(),
         })
         .await;

@@ -204,20 +204,17 @@ impl ControlPlane {
             self.channels.send(product_key, device_name, msg);
             return;
         }
-        let from = self.fleet.node_id.clone();
         let (product_key, device_name) = (product_key.to_string(), device_name.to_string());
         let too_big = text
             .as_ref()
             .is_some_and(|t| t.len() > fleet::MAX_INLINE_TEXT);
         let msg = match connect_of {
             Some(tunnel_id) if too_big => fleet::FleetMsg::DeviceConnect {
-                from,
                 product_key,
                 device_name,
                 tunnel_id: tunnel_id.into(),
             },
             _ => fleet::FleetMsg::Device {
-                from,
                 product_key,
                 device_name,
                 text,
@@ -349,7 +346,6 @@ impl ControlPlane {
             .map_err(|e| ApiError::from_store(e, "device"))?;
         self.index_tunnel(&tunnel);
         self.publish(fleet::FleetMsg::Index {
-            from: self.fleet.node_id.clone(),
             entry: fleet::IndexEntry::of(&tunnel),
         })
         .await;
@@ -401,7 +397,6 @@ impl ControlPlane {
             reason,
         });
         self.publish(fleet::FleetMsg::Close {
-            from: self.fleet.node_id.clone(),
             tunnel_id: t.id.clone(),
             reason: reason.as_str().into(),
         })
@@ -426,7 +421,6 @@ impl ControlPlane {
             .map_err(|e| ApiError::from_store(e, "tunnel"))?;
         self.index.remove(tunnel_id);
         self.publish(fleet::FleetMsg::Delete {
-            from: self.fleet.node_id.clone(),
             tunnel_id: tunnel_id.into(),
         })
         .await;
@@ -469,7 +463,6 @@ impl ControlPlane {
                 side,
             });
             self.publish(fleet::FleetMsg::Rotate {
-                from: self.fleet.node_id.clone(),
                 tunnel_id: t.id.clone(),
                 side,
                 hash: hex::encode(hash),
