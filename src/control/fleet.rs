@@ -306,7 +306,7 @@ impl ControlPlane {
     /// Applies a message from another node.
     pub async fn apply_fleet_msg(&self, msg: FleetMsg) {
         match msg {
-            FleetMsg::Index { entry, .. } => self.index_entry(&entry),
+            FleetMsg::Index { entry } => self.index_entry(&entry),
             FleetMsg::Close {
                 tunnel_id, reason, ..
             } => {
@@ -377,6 +377,18 @@ impl ControlPlane {
                 .channels
                 .send(&product_key, &device_name, ChannelMsg::Replaced),
         }
+    }
+
+    /// Indexes an OPEN tunnel (new, or with a new owner) here and on every other node, and
+    /// sends its device the `connect` naming its owner's relay.
+    pub(super) async fn open_everywhere(&self, t: &Tunnel) {
+        self.index_tunnel(t);
+        self.publish(FleetMsg::Index {
+            entry: IndexEntry::of(t),
+        })
+        .await;
+        self.notify(&t.product_key, &t.device_name, DeviceEvent::Connect(t))
+            .await;
     }
 
     /// Indexes an OPEN tunnel as the bus or the store describes it.
@@ -530,13 +542,7 @@ impl ControlPlane {
         let moved = self.store.reassign_tunnels(from.clone(), to, now).await?;
         for t in &moved {
             // Our own peers of a moved tunnel are evicted by `index_entry`.
-            self.index_tunnel(t);
-            self.publish(FleetMsg::Index {
-                entry: IndexEntry::of(t),
-            })
-            .await;
-            self.notify(&t.product_key, &t.device_name, DeviceEvent::Connect(t))
-                .await;
+            self.open_everywhere(t).await;
         }
         if !moved.is_empty() {
             tracing::info!(%from, tunnels = moved.len(), "tunnels re-placed");

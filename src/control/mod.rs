@@ -344,17 +344,7 @@ impl ControlPlane {
             })
             .await
             .map_err(|e| ApiError::from_store(e, "device"))?;
-        self.index_tunnel(&tunnel);
-        self.publish(fleet::FleetMsg::Index {
-            entry: fleet::IndexEntry::of(&tunnel),
-        })
-        .await;
-        self.notify(
-            &tunnel.product_key,
-            &tunnel.device_name,
-            DeviceEvent::Connect(&tunnel),
-        )
-        .await;
+        self.open_everywhere(&tunnel).await;
         tracing::info!(tunnel_id = %tunnel.id, product_key = %tunnel.product_key,
             device_name = %tunnel.device_name, "tunnel created");
         Ok(CreatedTunnel {
