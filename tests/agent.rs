@@ -584,6 +584,52 @@ async fn two_services_on_one_tunnel_work_at_the_same_time() {
     assert!(!d.agent.is_finished());
 }
 
+/// A connection whose local reader stops reading does not stall the tunnel's other connections:
+/// 7 MiB for it wait in the client (more than its socket buffers and the relay connection's
+/// together) while another connection echoes, and then all of it arrives intact.
+#[tokio::test]
+async fn a_connection_that_does_not_read_does_not_stall_the_others() {
+    const FLOOD: usize = 7 << 20;
+    let t = server().await;
+    let echo = echo_server().await;
+    // Writes FLOOD bytes of pattern(FLOOD, 9) to every connection, then closes it.
+    let flood = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flood_addr = flood.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = flood.accept().await {
+            tokio::spawn(async move {
+                let _ = conn.write_all(&pattern(FLOOD, 9)).await;
+            });
+        }
+    });
+    let d = device(
+        &t,
+        &[
+            ("ECHO", echo.to_string()),
+            ("FLOOD", flood_addr.to_string()),
+        ],
+    )
+    .await;
+    let (_, url, token) = tunnel(&t, &d, &["ECHO", "FLOOD"]).await;
+    let c = start_client(&t, &url, &token, &["ECHO=127.0.0.1:0", "FLOOD=127.0.0.1:0"]).await;
+
+    let mut stalled = connect(listening(&c, "FLOOD")).await;
+    // Let the flood fill every buffer on the way to the connection that does not read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn = connect(listening(&c, "ECHO")).await;
+    echo_through(&mut conn, 100_000, 3).await;
+
+    let mut got = Vec::with_capacity(FLOOD);
+    within("the flood after the echo", stalled.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(
+        got == pattern(FLOOD, 9),
+        "the flood arrived changed or cut ({} bytes)",
+        got.len()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stock OpenSSH through a tunnel
 // ---------------------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ async fn read_data(ws: &mut Ws, family: Family) -> anyhow::Result<Vec<u8>> {
                     }
                 }
                 Some(Ok(WsMessage::Close(f))) => {
-                    bail!("closed: {}", iotunnel::agent::dial::describe_close(&f))
+                    bail!("closed: {}", crate::wire::describe_close(&f))
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => bail!("read error: {e}"),

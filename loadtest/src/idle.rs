@@ -192,7 +192,7 @@ async fn keep(mut ws: Ws, ended: Arc<Ended>) {
     let why = loop {
         match ws.next().await {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
-                break iotunnel::agent::dial::describe_close(&f)
+                break crate::wire::describe_close(&f)
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => break format!("read error: {e}"),

@@ -284,7 +284,7 @@ async fn wait_echo(ws: &mut Ws, inbox: &mut Inbox, len: usize) -> anyhow::Result
             }
             Some(Ok(WsMessage::Close(f))) => bail!(
                 "closed by the other end: {}",
-                iotunnel::agent::dial::describe_close(&f)
+                crate::wire::describe_close(&f)
             ),
             Some(Ok(_)) => {}
             Some(Err(e)) => bail!("read error: {e}"),

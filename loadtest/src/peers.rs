@@ -234,7 +234,7 @@ impl Dialer {
             tokio_tungstenite::client_async_tls_with_config(
                 req,
                 tcp,
-                Some(iotunnel::agent::dial::ws_config()),
+                Some(crate::wire::ws_config()),
                 self.connector.clone(),
             )
             .await
@@ -291,7 +291,7 @@ async fn read_service_ids(ws: &mut Ws) -> anyhow::Result<()> {
         },
         Some(Ok(WsMessage::Close(f))) => bail!(
             "the relay closed the connection: {}",
-            iotunnel::agent::dial::describe_close(&f)
+            crate::wire::describe_close(&f)
         ),
         other => bail!("expected SERVICE_IDS, got {other:?}"),
     }
@@ -635,7 +635,7 @@ async fn accept_direct(
     let Ok(ws) = tokio_tungstenite::accept_hdr_async_with_config(
         MaybeTlsStream::Plain(tcp),
         callback,
-        Some(iotunnel::agent::dial::ws_config()),
+        Some(crate::wire::ws_config()),
     )
     .await
     else {

@@ -420,7 +420,7 @@ async fn read_side(mut stream: SplitStream<Ws>, ctx: Arc<EndpointCtx>) {
             Some(Ok(WsMessage::Close(frame))) => {
                 return ctx.fail(format!(
                     "closed by the other end: {}",
-                    iotunnel::agent::dial::describe_close(&frame)
+                    crate::wire::describe_close(&frame)
                 ))
             }
             Some(Err(e)) => return ctx.fail(format!("read error: {e}")),

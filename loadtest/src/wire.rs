@@ -273,7 +273,7 @@ async fn next_events(ws: &mut Ws, inbox: &mut Inbox, what: &str) -> anyhow::Resu
             }
             Some(Ok(WsMessage::Close(f))) => bail!(
                 "closed while waiting for {what}: {}",
-                iotunnel::agent::dial::describe_close(&f)
+                crate::wire::describe_close(&f)
             ),
             Some(Ok(WsMessage::Text(_))) => bail!("a text frame while waiting for {what}"),
             Some(Ok(_)) => {}
@@ -378,6 +378,24 @@ pub async fn open_channels(
             Ok(out)
         }
     }
+}
+
+/// `code reason` of a close frame, for messages.
+pub fn describe_close(
+    frame: &Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>,
+) -> String {
+    let frame = frame
+        .as_ref()
+        .map(|f| (u16::from(f.code), f.reason.to_string()));
+    iotunnel::agent::dial::describe_close(&frame)
+}
+
+/// WebSocket limits for the load generator's relay connections: the AWS frame limit.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    const MAX_FRAME: usize = iotunnel::proto::ws::DEFAULT_MAX_PAYLOAD;
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_frame_size(Some(MAX_FRAME))
+        .max_message_size(Some(4 * MAX_FRAME))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::dial::{self, Backoff, DialError, Endpoint, SessionEnd};
-use super::mux::{self, Session, SessionOptions};
+use super::mux::{self, LocalRead, Session, SessionOptions};
 use crate::config::Secret;
 use crate::proto::aws::Side;
 
@@ -70,6 +70,7 @@ impl Drop for RunningClient {
 
 /// Runs the client until the tunnel closes (an error) or, with `--stdio`, the connection ends.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
+    let _trim = super::trim::spawn();
     if args.stdio.is_some() {
         return run_stdio(args).await;
     }
@@ -249,7 +250,11 @@ async fn accept(
             };
             let Some(session) = session else { return };
             let (read, write) = tcp.into_split();
-            if session.open(&service, read, write).await.is_none() {
+            if session
+                .open(&service, LocalRead::Tcp(read), write)
+                .await
+                .is_none()
+            {
                 tracing::debug!(%peer, "relay connection gone; dropped the local connection");
             }
         });
@@ -264,7 +269,11 @@ async fn run_stdio(args: ClientArgs) -> anyhow::Result<()> {
     let (session, driver) = mux::start(connected, &SessionOptions::source());
     let mut driver = tokio::spawn(driver.run());
     let Some(conn) = session
-        .open(&service, tokio::io::stdin(), tokio::io::stdout())
+        .open(
+            &service,
+            LocalRead::Stream(Box::new(tokio::io::stdin())),
+            tokio::io::stdout(),
+        )
         .await
     else {
         bail!("the relay connection ended at once");

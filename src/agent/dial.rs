@@ -14,20 +14,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
 use anyhow::{bail, Context};
+use base64::Engine as _;
 use bytes::BytesMut;
-use futures_util::StreamExt;
 use rand::Rng;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::wire::{Incoming, Reader};
 use crate::config::Secret;
-use crate::proto::aws::{self, MessageType, Side};
+use crate::proto::aws::{MessageType, Side};
+use crate::proto::ws;
 
 /// The subprotocol our peers speak: AWS V3 (multiplexed connections, PROTOCOLS.md 1).
 pub const SUBPROTOCOL: &str = "aws.iot.securetunneling-3.0";
@@ -35,19 +37,16 @@ pub const SUBPROTOCOL: &str = "aws.iot.securetunneling-3.0";
 /// How long the TCP connect, TLS and WebSocket handshakes, and the first SERVICE_IDS may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest WebSocket frame accepted from the relay: the AWS frame limit (PROTOCOLS.md).
-const MAX_FRAME: usize = 131_076;
+/// Longest HTTP answer head (status line and headers) taken from the relay.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-/// Largest reassembled WebSocket message: AWS peers do not fragment, so a few frames at most.
-const MAX_WS_MESSAGE: usize = 4 * MAX_FRAME;
+/// Longest error body read from a refused upgrade.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// First wait after a failed relay connection.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait between relay reconnects (the issue caps backoff at 30 s).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// The WebSocket to the relay.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Where the relay listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,17 +101,12 @@ impl Endpoint {
         crate::config::host_port(&self.host, self.port)
     }
 
-    /// The AWS-family tunnel URL for `side`.
-    fn tunnel_url(&self, side: Side) -> String {
-        let mode = match side {
-            Side::Source => "source",
-            Side::Destination => "destination",
-        };
-        let scheme = if self.tls { "wss" } else { "ws" };
-        format!(
-            "{scheme}://{}/tunnel?local-proxy-mode={mode}",
-            self.host_port()
-        )
+    /// The AWS-family tunnel path for `side`.
+    fn tunnel_path(&self, side: Side) -> &'static str {
+        match side {
+            Side::Source => "/tunnel?local-proxy-mode=source",
+            Side::Destination => "/tunnel?local-proxy-mode=destination",
+        }
     }
 }
 
@@ -146,21 +140,80 @@ pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientCo
     Ok(Arc::new(config))
 }
 
-/// WebSocket limits for relay connections.
-pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_frame_size(Some(MAX_FRAME))
-        .max_message_size(Some(MAX_WS_MESSAGE))
-}
-
 /// A relay connection right after the upgrade.
 pub struct Connected {
-    /// The WebSocket.
-    pub ws: Ws,
     /// The tunnel's services, from SERVICE_IDS.
     pub services: Vec<String>,
-    /// Stream bytes read after SERVICE_IDS (normally none).
-    pub leftover: BytesMut,
+    /// The relay's frames, from the one after SERVICE_IDS.
+    pub(super) reader: Reader<ReadHalf<RelayIo>>,
+    /// Where our frames go.
+    pub(super) writer: WriteHalf<RelayIo>,
+}
+
+/// The byte stream under the relay WebSocket.
+pub enum RelayIo {
+    /// `ws://`.
+    Plain(TcpStream),
+    /// `wss://`.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for RelayIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for RelayIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Why dialing the relay failed.
@@ -210,99 +263,186 @@ pub async fn dial(
         endpoint: endpoint.host_port(),
         error,
     };
-    let mut request = endpoint
-        .tunnel_url(side)
-        .into_client_request()
-        .map_err(|e| network(e.into()))?;
-    let headers = request.headers_mut();
-    let mut token_value = token
-        .0
-        .parse::<tungstenite::http::HeaderValue>()
-        .map_err(|_| network(anyhow::anyhow!("the token is not a valid header value")))?;
-    token_value.set_sensitive(true);
-    headers.insert("access-token", token_value);
-    headers.insert(
-        "sec-websocket-protocol",
-        tungstenite::http::HeaderValue::from_static(SUBPROTOCOL),
-    );
-    let connect = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(ws_config()),
-        true,
-        Some(Connector::Rustls(tls.clone())),
-    );
-    let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
-        Err(_) => return Err(network(anyhow::anyhow!("handshake timed out"))),
-        Ok(Ok((ws, _))) => ws,
-        Ok(Err(tungstenite::Error::Http(resp))) => {
-            let status = resp.status().as_u16();
-            let body: serde_json::Value = resp
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or_default();
-            let text = |key: &str| body["error"][key].as_str().unwrap_or("-").to_string();
-            return Err(DialError::Refused {
-                status,
-                code: text("code"),
-                message: match body["error"]["message"].as_str() {
-                    Some(m) => m.to_string(),
-                    None => resp
-                        .status()
-                        .canonical_reason()
-                        .unwrap_or("refused")
-                        .to_string(),
-                },
-            });
-        }
-        Ok(Err(e)) => return Err(network(e.into())),
+    if !token.0.bytes().all(|b| b.is_ascii_graphic()) || token.0.is_empty() {
+        return Err(network(anyhow::anyhow!(
+            "the token is not a valid header value"
+        )));
+    }
+    let upgrade = async {
+        let mut io = connect(endpoint, tls).await.map_err(network)?;
+        let leftover = upgrade(&mut io, endpoint, side, token).await?;
+        Ok::<_, DialError>((io, leftover))
     };
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, first_message(&mut ws)).await;
-    let (services, leftover) = match first {
+    let (io, leftover) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
+        Err(_) => return Err(network(anyhow::anyhow!("handshake timed out"))),
+        Ok(r) => r?,
+    };
+    let (read, write) = tokio::io::split(io);
+    let mut reader = Reader::new(read, leftover);
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, first_message(&mut reader)).await;
+    let services = match first {
         Err(_) => return Err(network(anyhow::anyhow!("no SERVICE_IDS from the relay"))),
         Ok(r) => r.map_err(network)?,
     };
     Ok(Connected {
-        ws,
         services,
-        leftover,
+        reader,
+        writer: write,
     })
 }
 
-/// Reads the relay's first message; returns the services when it is SERVICE_IDS (consumed)
-/// and the stream bytes that follow.
-async fn first_message(ws: &mut Ws) -> anyhow::Result<(Vec<String>, BytesMut)> {
-    let mut buf = BytesMut::new();
+/// The TCP connection (no Nagle: tunnel messages are written whole) and the TLS handshake.
+async fn connect(endpoint: &Endpoint, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<RelayIo> {
+    let tcp = TcpStream::connect(endpoint.host_port()).await?;
+    tcp.set_nodelay(true)?;
+    if !endpoint.tls {
+        return Ok(RelayIo::Plain(tcp));
+    }
+    let name = ServerName::try_from(endpoint.host.clone())
+        .with_context(|| format!("{} is not a valid server name", endpoint.host))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    Ok(RelayIo::Tls(Box::new(stream)))
+}
+
+/// Sends the upgrade request and reads the answer; returns the bytes read past it.
+async fn upgrade(
+    io: &mut RelayIo,
+    endpoint: &Endpoint,
+    side: Side,
+    token: &Secret,
+) -> Result<BytesMut, DialError> {
+    let network = |error: anyhow::Error| DialError::Network {
+        endpoint: endpoint.host_port(),
+        error,
+    };
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\naccess-token: {token}\r\n\
+         User-Agent: iotunnel/{version}\r\n\r\n",
+        path = endpoint.tunnel_path(side),
+        host = endpoint.host_port(),
+        token = token.0,
+        version = env!("CARGO_PKG_VERSION"),
+    );
+    io.write_all(request.as_bytes())
+        .await
+        .map_err(|e| network(e.into()))?;
+    io.flush().await.map_err(|e| network(e.into()))?;
+    let mut buf = BytesMut::with_capacity(4096);
     loop {
-        if let Some((message, used)) = aws::decode_message(&buf)? {
-            if message.r#type == MessageType::ServiceIds as i32 {
-                let _ = buf.split_to(used);
-                return Ok((message.available_service_ids, buf));
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let parsed = response
+            .parse(&buf)
+            .map_err(|e| network(anyhow::anyhow!("malformed HTTP answer: {e}")))?;
+        if let httparse::Status::Complete(len) = parsed {
+            let status = response.code.unwrap_or_default();
+            let header = |name: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::trim)
+            };
+            if status != 101 {
+                let reason = response.reason.unwrap_or("refused").to_string();
+                let body_len = header("content-length")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0)
+                    .min(MAX_ERROR_BODY);
+                let _ = buf.split_to(len);
+                return Err(refusal(status, reason, io, buf, body_len).await);
             }
-            return Ok((Vec::new(), buf));
+            if header("sec-websocket-accept") != Some(ws::accept_key(&key).as_str()) {
+                return Err(network(anyhow::anyhow!(
+                    "the relay answered the upgrade with a wrong Sec-WebSocket-Accept"
+                )));
+            }
+            match header("sec-websocket-protocol") {
+                Some(SUBPROTOCOL) => {}
+                other => {
+                    return Err(network(anyhow::anyhow!(
+                        "the relay chose the subprotocol {other:?}, not {SUBPROTOCOL}"
+                    )))
+                }
+            }
+            let _ = buf.split_to(len);
+            return Ok(buf);
         }
-        match ws.next().await {
-            Some(Ok(WsMessage::Binary(b))) => buf.extend_from_slice(&b),
-            Some(Ok(WsMessage::Close(frame))) => {
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(network(anyhow::anyhow!(
+                "the relay's HTTP answer is too long"
+            )));
+        }
+        if io.read_buf(&mut buf).await.map_err(|e| network(e.into()))? == 0 {
+            return Err(network(anyhow::anyhow!(
+                "the relay closed the connection during the upgrade"
+            )));
+        }
+    }
+}
+
+/// A refused upgrade: reads the error body (`{"error": {"code", "message"}}`) if there is one.
+async fn refusal(
+    status: u16,
+    reason: String,
+    io: &mut RelayIo,
+    mut body: BytesMut,
+    body_len: usize,
+) -> DialError {
+    while body.len() < body_len {
+        match io.read_buf(&mut body).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&body[..body.len().min(body_len)]).unwrap_or_default();
+    let text = |key: &str| json["error"][key].as_str().unwrap_or("-").to_string();
+    DialError::Refused {
+        status,
+        code: text("code"),
+        message: match json["error"]["message"].as_str() {
+            Some(m) => m.to_string(),
+            None => reason,
+        },
+    }
+}
+
+/// Reads the relay's first message; returns the services when it is SERVICE_IDS (consumed),
+/// or none when the first message is another (left for the session).
+async fn first_message<R: AsyncRead + Unpin>(
+    reader: &mut Reader<R>,
+) -> anyhow::Result<Vec<String>> {
+    loop {
+        match reader.next().await? {
+            Incoming::Message(m) if m.r#type == MessageType::ServiceIds as i32 => {
+                return Ok(m.available_service_ids)
+            }
+            Incoming::Message(m) => {
+                reader.put_back(m);
+                return Ok(Vec::new());
+            }
+            Incoming::Close(frame) => {
                 bail!(
                     "the relay closed the connection: {}",
                     describe_close(&frame)
                 )
             }
-            Some(Ok(WsMessage::Text(_))) => bail!("the relay sent a text frame"),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("the relay closed the connection"),
+            Incoming::Ping(_) | Incoming::Pong => {}
         }
     }
 }
 
 /// `code reason` of a close frame, for messages.
-pub fn describe_close(frame: &Option<tungstenite::protocol::CloseFrame>) -> String {
+pub fn describe_close(frame: &Option<(u16, String)>) -> String {
     match frame {
-        Some(f) => format!("close {} {}", u16::from(f.code), f.reason)
-            .trim()
-            .to_string(),
+        Some((code, reason)) => format!("close {code} {reason}").trim().to_string(),
         None => "close without a code".into(),
     }
 }
@@ -323,12 +463,11 @@ pub enum SessionEnd {
 
 impl SessionEnd {
     /// Classifies the relay's close frame.
-    pub fn of_close(frame: &Option<tungstenite::protocol::CloseFrame>) -> Self {
-        let Some(f) = frame else {
+    pub fn of_close(frame: &Option<(u16, String)>) -> Self {
+        let Some((code, reason)) = frame else {
             return Self::Lost("closed without a code".into());
         };
-        let code = u16::from(f.code);
-        let reason = f.reason.to_string();
+        let (code, reason) = (*code, reason.clone());
         let closed = ["closed", "expired", "device_deleted"]
             .iter()
             .any(|word| reason.contains(word));
@@ -385,8 +524,8 @@ mod tests {
         assert_eq!((e.tls, e.host.as_str(), e.port), (false, "::1", 9000));
         assert_eq!(e.host_port(), "[::1]:9000");
         assert_eq!(
-            e.tunnel_url(Side::Source),
-            "ws://[::1]:9000/tunnel?local-proxy-mode=source"
+            e.tunnel_path(Side::Source),
+            "/tunnel?local-proxy-mode=source"
         );
         let e = Endpoint::parse("localhost:8443").unwrap();
         assert!(e.tls);
@@ -397,14 +536,7 @@ mod tests {
 
     #[test]
     fn closes_are_classified() {
-        use tungstenite::protocol::frame::coding::CloseCode;
-        use tungstenite::protocol::CloseFrame;
-        let close = |code: u16, reason: &str| {
-            Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.to_string().into(),
-            })
-        };
+        let close = |code: u16, reason: &str| Some((code, reason.to_string()));
         for reason in ["tunnel closed", "tunnel expired", "tunnel device_deleted"] {
             assert!(matches!(
                 SessionEnd::of_close(&close(1000, reason)),

@@ -5,5 +5,6 @@ pub mod device;
 pub mod dial;
 pub mod mqtt;
 pub mod mux;
+pub mod trim;
 pub mod tunnels;
 mod wire;

@@ -19,31 +19,36 @@
 //! late DATA message of an old stream never lands in a new connection.
 //!
 //! The WebSocket itself is [`super::wire`]: each message in a frame of its own, written by one
-//! writer task. The protocol has no flow control per connection: a local socket that does not
-//! read stalls its tunnel's reader, never other tunnels.
+//! writer task. A local socket is read only once it is readable, into a buffer allocated then
+//! and freed once its frame is written, so an idle connection holds no buffer. The protocol has
+//! no flow control per connection, so what arrives for a local socket that does not read
+//! queues in memory (up to [`CONN_BUDGET`] per connection and [`SESSION_BUDGET`] per session)
+//! while the other connections go on; past either budget the session's reader waits, which
+//! stalls this tunnel only, never other tunnels.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::stream::SplitStream;
-use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use super::dial::{Connected, SessionEnd, Ws};
-use super::wire::{message, next_message, write_loop, Out, IDLE_LIMIT};
+use super::dial::{Connected, RelayIo, SessionEnd};
+use super::wire::{self, message, write_loop, DataBuf, Incoming, Out, Reader, IDLE_LIMIT};
 use crate::proto::aws::{self, Message, MessageType, Side};
 
 /// Bytes read from a local connection per DATA message: the AWS payload limit, 63 KiB.
 pub const MAX_DATA: usize = aws::MAX_PAYLOAD;
-/// Messages queued for the relay before local readers wait: about 2 MiB of DATA.
+/// Frames queued for the relay before local readers wait: about 2 MiB of DATA.
 const OUT_QUEUE: usize = 32;
-/// Payloads queued for one local connection before the session's reader waits (about 1 MiB).
-const CONN_QUEUE: usize = 16;
+/// Bytes queued for one local connection that does not read before the session's reader
+/// waits for it (and so every connection of the session does).
+const CONN_BUDGET: usize = 8 << 20;
+/// Bytes queued for all local connections of a session before its reader waits.
+const SESSION_BUDGET: usize = 64 << 20;
 /// How long a destination waits for a local service to accept a connection.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,9 +72,31 @@ impl LocalServices {
 /// One connection id on a stream.
 struct Conn {
     /// Payloads for the local socket; dropping it ends the connection's local side.
-    to_local: mpsc::Sender<Bytes>,
+    to_local: mpsc::UnboundedSender<Queued>,
+    /// Bytes this connection may still have queued: [`CONN_BUDGET`] when it has none.
+    budget: Arc<Semaphore>,
     /// Tells this entry apart from a later one with the same ids.
     generation: u64,
+}
+
+impl Conn {
+    /// A connection entry and the receiving end of its queue.
+    fn new(generation: u64) -> (Self, mpsc::UnboundedReceiver<Queued>) {
+        let (to_local, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(CONN_BUDGET));
+        let conn = Self {
+            to_local,
+            budget,
+            generation,
+        };
+        (conn, rx)
+    }
+}
+
+/// A payload on its way to a local socket, holding its share of both budgets.
+struct Queued {
+    payload: Bytes,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 /// A stream: one service's connections.
@@ -102,6 +129,8 @@ impl Table {
 struct Inner {
     side: Side,
     out: mpsc::Sender<Out>,
+    /// Bytes all connections may still have queued: [`SESSION_BUDGET`] when none has any.
+    budget: Arc<Semaphore>,
     table: Mutex<Table>,
     /// Source: orders the start and reset decisions with the messages that announce them.
     order: tokio::sync::Mutex<()>,
@@ -121,8 +150,7 @@ pub struct Session {
 /// the session down: every local connection of the session is closed.
 pub struct Driver {
     inner: Arc<Inner>,
-    read: SplitStream<Ws>,
-    buf: BytesMut,
+    reader: Reader<ReadHalf<RelayIo>>,
     writer: JoinHandle<()>,
     writer_done: oneshot::Receiver<bool>,
 }
@@ -160,20 +188,20 @@ impl SessionOptions {
 /// Starts a session over a fresh relay connection.
 pub fn start(connected: Connected, options: &SessionOptions) -> (Session, Driver) {
     let Connected {
-        ws,
         services,
-        leftover,
+        reader,
+        writer,
     } = connected;
-    let (sink, read) = ws.split();
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let (done_tx, writer_done) = oneshot::channel();
     let writer = tokio::spawn(async move {
-        let closed = write_loop(sink, out_rx).await;
+        let closed = write_loop(writer, out_rx).await;
         let _ = done_tx.send(closed);
     });
     let inner = Arc::new(Inner {
         side: options.side,
         out,
+        budget: Arc::new(Semaphore::new(SESSION_BUDGET)),
         table: Mutex::default(),
         order: tokio::sync::Mutex::new(()),
         local: options.local.clone(),
@@ -183,8 +211,7 @@ pub fn start(connected: Connected, options: &SessionOptions) -> (Session, Driver
     });
     let driver = Driver {
         inner: inner.clone(),
-        read,
-        buf: leftover,
+        reader,
         writer,
         writer_done,
     };
@@ -200,20 +227,26 @@ impl Drop for Driver {
 }
 
 impl Driver {
-    /// Reads and dispatches the relay's messages until the connection ends.
+    /// Reads and dispatches the relay's messages until the connection ends. The relay counts
+    /// as lost after a silent [`IDLE_LIMIT`] (checked every half of it: one timer per check,
+    /// not one per message).
     pub async fn run(mut self) -> SessionEnd {
+        let check = IDLE_LIMIT / 2;
+        let idle = tokio::time::sleep(check);
+        tokio::pin!(idle);
+        let (mut heard, mut silent_checks) = (false, 0);
         loop {
-            loop {
-                match next_message(&mut self.buf) {
-                    Ok(Some(message)) => self.inner.dispatch(message).await,
-                    Ok(None) => break,
-                    Err(e) => {
-                        return SessionEnd::Lost(format!("protocol error from the relay: {e}"))
+            let incoming = tokio::select! {
+                incoming = self.reader.next() => incoming,
+                _ = &mut idle => {
+                    silent_checks = if heard { 0 } else { silent_checks + 1 };
+                    if silent_checks == 2 {
+                        return SessionEnd::Lost(format!("the relay was silent for {IDLE_LIMIT:?}"));
                     }
+                    heard = false;
+                    idle.as_mut().reset(tokio::time::Instant::now() + check);
+                    continue;
                 }
-            }
-            let frame = tokio::select! {
-                frame = tokio::time::timeout(IDLE_LIMIT, self.read.next()) => frame,
                 closed = &mut self.writer_done => {
                     return match closed {
                         Ok(true) => SessionEnd::Local,
@@ -221,18 +254,15 @@ impl Driver {
                     };
                 }
             };
-            match frame {
-                Err(_) => {
-                    return SessionEnd::Lost(format!("the relay was silent for {IDLE_LIMIT:?}"))
+            heard = true;
+            match incoming {
+                Ok(Incoming::Message(m)) => self.inner.dispatch(m).await,
+                Ok(Incoming::Ping(payload)) => {
+                    let _ = self.inner.out.send(Out::Frame(wire::pong(&payload))).await;
                 }
-                Ok(None) => return SessionEnd::Lost("the relay connection ended".into()),
-                Ok(Some(Err(e))) => return SessionEnd::Lost(format!("relay connection: {e}")),
-                Ok(Some(Ok(WsMessage::Binary(b)))) => self.buf.extend_from_slice(&b),
-                Ok(Some(Ok(WsMessage::Close(frame)))) => return SessionEnd::of_close(&frame),
-                Ok(Some(Ok(WsMessage::Text(_)))) => {
-                    return SessionEnd::Lost("the relay sent a text frame".into())
-                }
-                Ok(Some(Ok(_))) => {}
+                Ok(Incoming::Pong) => {}
+                Ok(Incoming::Close(frame)) => return SessionEnd::of_close(&frame),
+                Err(e) => return SessionEnd::Lost(format!("relay connection: {e}")),
             }
         }
     }
@@ -245,7 +275,17 @@ impl Inner {
     }
 
     async fn send(&self, m: Message) -> bool {
-        self.out.send(Out::Message(m)).await.is_ok()
+        match wire::frame(&m) {
+            Ok(frame) => self.send_frame(frame).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a message");
+                false
+            }
+        }
+    }
+
+    async fn send_frame(&self, frame: Bytes) -> bool {
+        self.out.send(Out::Frame(frame)).await.is_ok()
     }
 
     async fn dispatch(self: &Arc<Self>, m: Message) {
@@ -253,16 +293,28 @@ impl Inner {
         let kind = MessageType::try_from(m.r#type).unwrap_or(MessageType::Unknown);
         match (kind, self.side) {
             (MessageType::Data, _) => {
-                let to_local = self
+                let conn = self
                     .lock_table()
                     .streams
                     .get(&m.stream_id)
                     .and_then(|s| s.conns.get(&conn_id))
-                    .map(|c| c.to_local.clone());
-                match to_local {
-                    // A closed receiver: the connection just ended; its reset is on the way.
-                    Some(tx) => {
-                        let _ = tx.send(m.payload).await;
+                    .map(|c| (c.to_local.clone(), c.budget.clone()));
+                match conn {
+                    Some((tx, budget)) => {
+                        // Waits only when this connection, or all of them, queued too much.
+                        let n = u32::try_from(m.payload.len()).unwrap_or(u32::MAX);
+                        let permits = (
+                            budget.acquire_many_owned(n).await,
+                            self.budget.clone().acquire_many_owned(n).await,
+                        );
+                        if let (Ok(conn), Ok(session)) = permits {
+                            // A closed receiver: the connection just ended; its reset is on
+                            // the way.
+                            let _ = tx.send(Queued {
+                                payload: m.payload,
+                                _permits: (conn, session),
+                            });
+                        }
                     }
                     None => tracing::trace!(
                         stream_id = m.stream_id,
@@ -342,20 +394,14 @@ impl Inner {
             self.send(reset()).await;
             return;
         };
-        let (to_local, rx) = mpsc::channel(CONN_QUEUE);
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (conn, rx) = Conn::new(self.next_generation.fetch_add(1, Ordering::Relaxed));
+        let generation = conn.generation;
         {
             let mut table = self.lock_table();
             let Some(stream) = table.streams.get_mut(&stream_id) else {
                 return;
             };
-            stream.conns.insert(
-                conn_id,
-                Conn {
-                    to_local,
-                    generation,
-                },
-            );
+            stream.conns.insert(conn_id, conn);
         }
         let inner = self.clone();
         let service = service_id.to_string();
@@ -373,7 +419,7 @@ impl Inner {
                     let _ = tcp.set_nodelay(true);
                     tracing::debug!(service = %service, %addr, stream_id, connection_id = conn_id, "local connection open");
                     let (read, write) = tcp.into_split();
-                    pump(inner, key, service, read, write, rx).await;
+                    pump(inner, key, service, LocalRead::Tcp(read), write, rx).await;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(service = %service, %addr, error = %e, "local service refused the connection");
@@ -444,40 +490,58 @@ enum PumpEnd {
     Remote,
 }
 
+/// The reading half of a local connection.
+pub enum LocalRead {
+    /// A socket: read only once readable, into a buffer allocated then.
+    Tcp(OwnedReadHalf),
+    /// Anything else (stdin): a buffer waits for each read.
+    Stream(Box<dyn AsyncRead + Unpin + Send>),
+}
+
+impl LocalRead {
+    /// Reads up to [`MAX_DATA`] bytes into a fresh [`DataBuf`]; `None` at the end.
+    async fn read_data(&mut self, service: &str) -> std::io::Result<Option<DataBuf>> {
+        let mut data = DataBuf::new(service);
+        let n = match self {
+            Self::Tcp(read) => loop {
+                read.readable().await?;
+                match read.try_read_buf(&mut data.spare()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => break other?,
+                }
+            },
+            Self::Stream(read) => read.read_buf(&mut data.spare()).await?,
+        };
+        Ok((n > 0).then_some(data))
+    }
+}
+
 /// Carries one connection both ways until either side ends it.
-async fn pump<R, W>(
+async fn pump<W>(
     inner: Arc<Inner>,
     key: Key,
     service: String,
-    mut read: R,
+    mut read: LocalRead,
     mut write: W,
-    mut from_relay: mpsc::Receiver<Bytes>,
+    mut from_relay: mpsc::UnboundedReceiver<Queued>,
 ) where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let up = async {
-        let mut buf = vec![0u8; MAX_DATA];
         loop {
-            let n = match read.read(&mut buf).await {
-                Ok(0) | Err(_) => return PumpEnd::Local,
-                Ok(n) => n,
+            let data = match read.read_data(&service).await {
+                Ok(Some(data)) => data,
+                Ok(None) | Err(_) => return PumpEnd::Local,
             };
-            let data = message(
-                MessageType::Data,
-                key.stream_id,
-                &service,
-                key.conn_id,
-                Bytes::copy_from_slice(&buf[..n]),
-            );
-            if !inner.send(data).await {
+            let frame = data.seal(key.stream_id, &service, key.conn_id);
+            if !inner.send_frame(frame).await {
                 return PumpEnd::Remote;
             }
         }
     };
     let down = async {
-        while let Some(payload) = from_relay.recv().await {
-            if write.write_all(&payload).await.is_err() {
+        while let Some(queued) = from_relay.recv().await {
+            if write.write_all(&queued.payload).await.is_err() {
                 return PumpEnd::Local;
             }
             // Flush once the queue is drained (stdout buffers; a socket does not mind).
@@ -495,6 +559,7 @@ async fn pump<R, W>(
     if let PumpEnd::Local = end {
         inner.local_closed(&key, &service).await;
     }
+    super::trim::connection_closed();
 }
 
 impl Session {
@@ -506,19 +571,14 @@ impl Session {
     /// Source: carries a new local connection to `service` (STREAM_START for the service's
     /// first connection, CONNECTION_START for later ones). Returns the task that pumps it
     /// (it ends when the connection does), or `None` when the session is gone.
-    pub async fn open<R, W>(&self, service: &str, read: R, write: W) -> Option<JoinHandle<()>>
+    pub async fn open<W>(&self, service: &str, read: LocalRead, write: W) -> Option<JoinHandle<()>>
     where
-        R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let inner = &self.inner;
         let _order = inner.order.lock().await;
-        let (to_local, rx) = mpsc::channel(CONN_QUEUE);
-        let generation = inner.next_generation.fetch_add(1, Ordering::Relaxed);
-        let conn = Conn {
-            to_local,
-            generation,
-        };
+        let (conn, rx) = Conn::new(inner.next_generation.fetch_add(1, Ordering::Relaxed));
+        let generation = conn.generation;
         let (start, stream_id, conn_id) = {
             let mut table = inner.lock_table();
             let open = table.current.get(service).copied();

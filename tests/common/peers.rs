@@ -935,7 +935,10 @@ where
         };
         reader.feed(&frame);
         while let Some(m) = reader.next() {
-            assert!(m.r#type == MessageType::Data as i32 && m.stream_id == 1);
+            assert!(
+                m.r#type == MessageType::Data as i32 && m.stream_id == 1,
+                "not stream 1 DATA: {m:?}"
+            );
             hash.update(&m.payload);
             received += m.payload.len();
         }
