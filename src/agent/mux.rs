@@ -45,10 +45,13 @@ pub const MAX_DATA: usize = aws::MAX_PAYLOAD;
 /// Frames queued for the relay before local readers wait: about 2 MiB of DATA.
 const OUT_QUEUE: usize = 32;
 /// Bytes queued for one local connection that does not read before the session's reader
-/// waits for it (and so every connection of the session does).
-const CONN_BUDGET: usize = 8 << 20;
+/// waits for it (and so every connection of the session does). Enough for everything the
+/// socket buffers along the way (local service, relay connections, relay) hold at once on a
+/// fast link, which is what arrives after a local reader stops, as iperf3's client does at the
+/// end of a `-R` test while it waits for its results on another connection.
+const CONN_BUDGET: usize = 32 << 20;
 /// Bytes queued for all local connections of a session before its reader waits.
-const SESSION_BUDGET: usize = 64 << 20;
+const SESSION_BUDGET: usize = 128 << 20;
 /// How long a destination waits for a local service to accept a connection.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -537,6 +540,9 @@ async fn pump<W>(
             if !inner.send_frame(frame).await {
                 return PumpEnd::Remote;
             }
+            // One frame per turn: a busy connection must not fill the relay queue while the
+            // others wait (it would, since a send with room left does not yield).
+            tokio::task::yield_now().await;
         }
     };
     let down = async {
