@@ -41,3 +41,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod trim;

@@ -515,6 +515,7 @@ fn advertised(public: &str, bound_port: u16) -> String {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM that arrives once we are listening must shut down cleanly.
     let stop = shutdown_signal()?;
+    let _trim = crate::trim::spawn();
     let listeners = Listeners::bind(&settings).await?;
     let server = Server::start(settings, Arc::new(crate::clock::SystemClock), listeners).await?;
     if let Some(key) = &server.new_admin_key {

@@ -70,7 +70,7 @@ impl Drop for RunningClient {
 
 /// Runs the client until the tunnel closes (an error) or, with `--stdio`, the connection ends.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let _trim = super::trim::spawn();
+    let _trim = crate::trim::spawn();
     if args.stdio.is_some() {
         return run_stdio(args).await;
     }

@@ -296,7 +296,7 @@ enum Ended {
 pub async fn run(config: impl Into<AgentConfig>) -> anyhow::Result<()> {
     let r = config.into().resolve()?;
     let tls = dial::tls_config(r.ca_file.as_deref())?;
-    let _trim = super::trim::spawn();
+    let _trim = crate::trim::spawn();
     for (name, addr) in &r.services.0 {
         tracing::info!(service = %name, address = %addr, "serving local service");
     }

@@ -5,6 +5,5 @@ pub mod device;
 pub mod dial;
 pub mod mqtt;
 pub mod mux;
-pub mod trim;
 pub mod tunnels;
 mod wire;

@@ -565,7 +565,7 @@ async fn pump<W>(
     if let PumpEnd::Local = end {
         inner.local_closed(&key, &service).await;
     }
-    super::trim::connection_closed();
+    crate::trim::connection_closed();
 }
 
 impl Session {

@@ -144,6 +144,7 @@ impl ShardStats {
 
     /// A peer disconnected for `reason`.
     pub fn disconnected(&self, side: Side, reason: &'static str) {
+        crate::trim::connection_closed();
         let p = &self.peers[role(side)];
         p.set(p.get().saturating_sub(1));
         *self
