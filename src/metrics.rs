@@ -287,6 +287,19 @@ fn render_relay(out: &mut String, shards: &[StatsSnapshot]) {
     for (i, s) in shards.iter().enumerate() {
         let _ = writeln!(out, "iotunnel_shard_tunnels{{shard=\"{i}\"}} {}", s.tunnels);
     }
+    header(
+        out,
+        "iotunnel_shard_bytes_total",
+        "counter",
+        "Bytes forwarded (WebSocket frames, both directions), by the shard that forwarded them.",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "iotunnel_shard_bytes_total{{shard=\"{i}\"}} {}",
+            s.bytes[0] + s.bytes[1]
+        );
+    }
     render_mesh(out, shards);
 }
 

@@ -363,6 +363,32 @@ fn every_panel_the_issue_asks_for_exists() {
             "by (reason)",
         ),
         ("tunnels per shard", "iotunnel_shard_tunnels", "shard"),
+        // Shard balance (issue 12, item 5): per-shard throughput and min/max across shards.
+        (
+            "throughput per shard",
+            "iotunnel_shard_bytes_total",
+            "by (instance, shard)",
+        ),
+        (
+            "shard balance",
+            "iotunnel_shard_tunnels",
+            "min by (instance)",
+        ),
+        (
+            "shard balance",
+            "iotunnel_shard_tunnels",
+            "max by (instance)",
+        ),
+        (
+            "shard balance",
+            "iotunnel_shard_bytes_total",
+            "min by (instance) (rate(",
+        ),
+        (
+            "shard balance",
+            "iotunnel_shard_bytes_total",
+            "max by (instance) (rate(",
+        ),
         (
             "api request rate",
             "iotunnel_api_requests_total",
@@ -491,6 +517,7 @@ async fn every_dashboard_metric_and_label_is_exported_by_a_real_server() {
         "iotunnel_peer_rtt_seconds",
         "iotunnel_handshake_failures_total",
         "iotunnel_shard_tunnels",
+        "iotunnel_shard_bytes_total",
         "iotunnel_device_channels_connected",
         "iotunnel_api_requests_total",
         "iotunnel_api_request_duration_seconds",

@@ -101,6 +101,7 @@ async fn every_series_exists_from_start_up() {
         "iotunnel_handshake_failures_total{reason=\"unknown_token\"}",
         "iotunnel_handshake_failures_total{reason=\"timeout\"}",
         "iotunnel_shard_tunnels{shard=\"0\"}",
+        "iotunnel_shard_bytes_total{shard=\"0\"}",
         "iotunnel_handshake_failures_total{reason=\"mesh_auth\"}",
         "iotunnel_handshake_failures_total{reason=\"mesh_tls\"}",
         "iotunnel_handshake_failures_total{reason=\"owner_unreachable\"}",
@@ -162,6 +163,13 @@ async fn counters_follow_traffic_and_routes_are_templates() {
         ),
         1.0
     );
+    // Per shard: every forwarded byte counted once, on the shard that forwarded it.
+    let shard_bytes: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("iotunnel_shard_bytes_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(shard_bytes, (bytes.len() + 4) as f64);
     assert!(value(&text, "iotunnel_forward_latency_seconds_count") >= 1.0);
     assert_eq!(
         value(

@@ -340,6 +340,16 @@ impl Session {
                 "> 0",
             );
         }
+        // The balance is a ratio in (0, 1] (the throughput per shard: see below).
+        for fragment in ["iotunnel_shard_tunnels", "iotunnel_shard_bytes_total"] {
+            expect(
+                "Shard balance (min/max across shards)",
+                fragment,
+                &[],
+                &|v| v > 0.0 && v <= 1.0,
+                "a ratio in (0, 1]",
+            );
+        }
         expect(
             "Handshake failures by reason (rate)",
             "",
@@ -386,6 +396,19 @@ impl Session {
                 &|v| v > 0.0,
                 "> 0",
             );
+        }
+        // The steady echo moves bytes through one shard, whichever it is.
+        let per_shard = answers
+            .iter()
+            .find(|(what, _, _)| what.contains("\"Throughput per shard (bytes/s)\""));
+        match per_shard {
+            Some((_, _, Ok(samples))) if samples.iter().any(|s| s.value > 0.0) => {}
+            Some((what, query, Ok(samples))) => out.push(format!(
+                "{what}: no shard moves bytes ({} series), the steady echo does\n    {query}",
+                samples.len()
+            )),
+            Some(_) => {}
+            None => out.push("no panel \"Throughput per shard (bytes/s)\"".into()),
         }
         out
     }

@@ -27,7 +27,7 @@ churn() {
   # shellcheck disable=SC2086
   "$BIN/iotunnel-loadtest" churn $API --plaintext --concurrency "$C" --devices "$DEV" \
     --duration "$DUR" --family "${BENCH_FAMILY:-aws}" --procs "${BENCH_PROCS:-1}" --quiet \
-    --json "$OUT/churn-run$1.json" > "$OUT/churn-run$1.txt" || { stop_server; return 1; }
+    --relay-pid "$SRV" --json "$OUT/churn-run$1.json" > "$OUT/churn-run$1.txt" || { stop_server; return 1; }
   stop_server
 }
 for i in $(seq 1 "$RUNS"); do

@@ -5,7 +5,8 @@
 #   (c) tls       : iotunnel relay, wss (the generated CA), same shards;
 #   (d) baseline  : iotunnel-baseline-relay (tokio + tokio-tungstenite, ws).
 # Each for two workloads: "single" (--tunnels 1 --streams 1 --size 65536) and "t8"
-# (--tunnels 8 --streams 1 --size 65536). Every (workload, config) runs RUNS times (default 3),
+# (--tunnels 8 --streams 1 --size 65536); "t64" (--tunnels 64 --size 16384, scale.sh's load: CPU
+# per GiB at many tunnels per shard) when named in BENCH_WORKLOADS. Every (workload, config) runs RUNS times (default 3),
 # the configs of one round back to back in a rotating order, each on a fresh server or baseline
 # relay. (b), (c) and (d) record the relay's CPU with --relay-pid.
 #
@@ -36,10 +37,12 @@ WORKLOADS=${BENCH_WORKLOADS:-single t8}
 CONFIGS=${BENCH_CONFIGS:-direct plain tls baseline}
 MAX_OTHER=${BENCH_MAX_OTHER:-1.0}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-900}
-API=127.0.0.1:18281
-METRICS=127.0.0.1:19291
-RELAY=127.0.0.1:18543
-BASELINE=127.0.0.1:18600
+# BENCH_PORT_OFFSET (default 0) moves every port, for two runs side by side on one machine.
+PORT_OFFSET=${BENCH_PORT_OFFSET:-0}
+API=127.0.0.1:$((18281 + PORT_OFFSET))
+METRICS=127.0.0.1:$((19291 + PORT_OFFSET))
+RELAY=127.0.0.1:$((18543 + PORT_OFFSET))
+BASELINE=127.0.0.1:$((18600 + PORT_OFFSET))
 export IOTUNNEL_ADMIN_KEY=${IOTUNNEL_ADMIN_KEY:-bench-relay-admin-key-0123456789}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -62,6 +65,7 @@ workload_flags() {
   case $1 in
     single) echo "--tunnels 1 --streams 1 --size 65536" ;;
     t8) echo "--tunnels 8 --streams 1 --size 65536" ;;
+    t64) echo "--tunnels 64 --streams 1 --size 16384" ;;
     *) echo "unknown workload $1" >&2; exit 2 ;;
   esac
 }

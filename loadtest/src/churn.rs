@@ -25,8 +25,10 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::chart::{usage_panels, Chart, Panel};
 use crate::peers::{Mode, PeerArgs, Relays, Tunnels, Ws, HANDSHAKE_TIMEOUT};
 use crate::report::{self, progress, round1, round3, Latency, ScenarioReport};
+use crate::sys::UsageSample;
 use crate::wire::{self, Event, Family, Inbox, Side};
 use crate::{procs, RunArgs};
 
@@ -87,9 +89,11 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<()> {
         }
         flags
     };
-    let Some(report) = procs::split(k, flags, ChurnReport::merge, measure(&args)).await? else {
+    let sampler = report::sample_usage(args.peers.relay_pid.map(|p| p.to_string()));
+    let Some(mut report) = procs::split(k, flags, ChurnReport::merge, measure(&args)).await? else {
         return Ok(());
     };
+    report.usage_timeline = report::usage_samples(sampler).await;
     report::finish(&report, args.run.json.as_deref())
 }
 
@@ -205,6 +209,7 @@ async fn measure(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
         } else {
             Vec::new()
         },
+        usage_timeline: Vec::new(),
     })
 }
 
@@ -384,6 +389,9 @@ struct ChurnReport {
     /// Cycle then step histograms, from a child process to its parent only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     hists: Vec<Vec<(u64, u64)>>,
+    /// The relay's RSS and open files once a second (with --relay-pid), setup included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    usage_timeline: Vec<UsageSample>,
 }
 
 impl ChurnReport {
@@ -476,5 +484,40 @@ impl ScenarioReport for ChurnReport {
                 self.first_errors.first().map_or("none", String::as_str)
             )
         })
+    }
+
+    fn chart(&self) -> Option<Chart> {
+        let mut chart = Chart::new(format!(
+            "churn: {} tls={} rate={} concurrency={} size={} procs={}{}",
+            self.family.name(),
+            self.tls,
+            self.rate,
+            self.concurrency,
+            self.size,
+            self.procs,
+            self.label
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default()
+        ));
+        let groups = std::iter::once(("cycle", &self.latency_us))
+            .chain(
+                STEPS
+                    .iter()
+                    .filter_map(|s| Some((*s, self.steps_us.get(*s)?))),
+            )
+            .map(|(name, l)| (name.to_string(), l.clone()))
+            .collect();
+        chart.push(Panel::Percentiles {
+            title: format!(
+                "cycle and step latency ({} cycles, {:.1}/s, {} failed)",
+                self.cycles, self.cycles_per_sec, self.errors
+            ),
+            groups,
+        });
+        for p in usage_panels(&self.usage_timeline, "relay") {
+            chart.push(p);
+        }
+        Some(chart)
     }
 }

@@ -178,6 +178,7 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.common.json {
         rep.write_json(path)?;
         eprintln!("wrote {}", path.display());
+        crate::chart::write_beside_or_warn(&rep.chart("creates/s"), path);
     }
 
     if tunnel_limit.load(Ordering::Relaxed) {

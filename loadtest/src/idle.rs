@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
+use crate::chart::{usage_panels, Chart};
 use crate::peers::{Mode, PeerArgs, Ws};
 use crate::report::{self, progress, round1, ScenarioReport};
-use crate::sys::{self, ProcUsage};
+use crate::sys::{self, ProcUsage, UsageSample};
 use crate::wire::Family;
 use crate::{procs, RunArgs};
 
@@ -57,7 +58,13 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
             _ => args.peers.relay_usage(),
         }
     };
-    let report = if args.run.procs > 1 {
+    // Usage over the run: the relay's, or (direct, one process) this process's.
+    let sampler = report::sample_usage(match mode {
+        Mode::Direct if args.run.procs == 1 => Some("self".to_string()),
+        Mode::Direct => None,
+        _ => args.peers.relay_pid.map(|p| p.to_string()),
+    });
+    let mut report = if args.run.procs > 1 {
         let k = args.run.procs as usize;
         procs::check_tunnels(args.run.procs, args.tunnels)?;
         let before = watched(&args)?;
@@ -86,6 +93,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         }
         r
     };
+    report.usage_timeline = report::usage_samples(sampler).await;
     report::finish(&report, args.run.json.as_deref())
 }
 
@@ -180,6 +188,7 @@ async fn connect_and_hold(args: &IdleArgs, self_before: ProcUsage) -> anyhow::Re
         loadtest_fd_limit: sys::raise_fd_limit(),
         errors,
         params,
+        usage_timeline: Vec::new(),
     };
     if mode == Mode::Direct {
         r.set_usage(self_before, self_after);
@@ -244,6 +253,9 @@ struct IdleReport {
     loadtest_fd_limit: u64,
     errors: Vec<String>,
     params: BTreeMap<String, Value>,
+    /// The watched process's RSS and open files once a second, setup included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    usage_timeline: Vec<UsageSample>,
 }
 
 impl IdleReport {
@@ -321,6 +333,32 @@ impl ScenarioReport for IdleReport {
             );
         }
         crate::report::print_errors(&self.errors);
+    }
+
+    fn chart(&self) -> Option<Chart> {
+        let mut chart = Chart::new(format!(
+            "idle: {} {} tls={} tunnels={} procs={}: {:.0} B and {:.2} fds per pair{}",
+            self.mode,
+            self.family.name(),
+            self.tls,
+            self.tunnels,
+            self.procs,
+            self.rss_per_pair_bytes,
+            self.fds_per_pair,
+            self.label
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default()
+        ));
+        let who = if self.mode == "direct" {
+            "loadtest"
+        } else {
+            "relay"
+        };
+        for p in usage_panels(&self.usage_timeline, who) {
+            chart.push(p);
+        }
+        Some(chart)
     }
 
     fn failure(&self) -> Option<String> {

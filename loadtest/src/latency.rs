@@ -21,8 +21,10 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::chart::{usage_panels, Chart, Panel};
 use crate::peers::{Mode, PeerArgs, Ws};
 use crate::report::{self, progress, round1, round3, Latency, ScenarioReport};
+use crate::sys::UsageSample;
 use crate::throughput::parse_warmup;
 use crate::wire::{self, Channel, Event, Family, Inbox};
 use crate::{procs, RunArgs};
@@ -85,9 +87,12 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
             ),
         ]
     };
-    let Some(report) = procs::split(k, flags, LatencyReport::merge, measure(&args)).await? else {
+    let sampler = report::sample_usage(args.peers.relay_pid.map(|p| p.to_string()));
+    let Some(mut report) = procs::split(k, flags, LatencyReport::merge, measure(&args)).await?
+    else {
         return Ok(());
     };
+    report.usage_timeline = report::usage_samples(sampler).await;
     report::finish(&report, args.run.json.as_deref())
 }
 
@@ -198,6 +203,7 @@ async fn measure(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         } else {
             Vec::new()
         },
+        usage_timeline: Vec::new(),
     })
 }
 
@@ -357,6 +363,9 @@ struct LatencyReport {
     /// The histogram, from a child process to its parent only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     hist: Vec<(u64, u64)>,
+    /// The relay's RSS and open files once a second (with --relay-pid), setup included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    usage_timeline: Vec<UsageSample>,
 }
 
 impl LatencyReport {
@@ -426,5 +435,33 @@ impl ScenarioReport for LatencyReport {
             return Some("no echo arrived in the measured window".into());
         }
         None
+    }
+
+    fn chart(&self) -> Option<Chart> {
+        let mut chart = Chart::new(format!(
+            "latency: {} {} tls={} tunnels={} rate={}/s size={} procs={}{}",
+            self.mode,
+            self.family.name(),
+            self.tls,
+            self.tunnels,
+            self.rate,
+            self.size,
+            self.procs,
+            self.label
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default()
+        ));
+        chart.push(Panel::Percentiles {
+            title: format!(
+                "round trip, coordinated-omission corrected ({} round trips, mean {:.1} us)",
+                self.messages, self.latency_us.mean
+            ),
+            groups: vec![("round trip".into(), self.latency_us.clone())],
+        });
+        for p in usage_panels(&self.usage_timeline, "relay") {
+            chart.push(p);
+        }
+        Some(chart)
     }
 }

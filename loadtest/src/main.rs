@@ -3,12 +3,14 @@
 //! One subcommand per scenario, one module per scenario. Shared: [`setup`] (the API: products,
 //! devices, device channels), [`peers`] (tunnel pairs: dialing, tunnels through the API,
 //! `--direct`, `--baseline`), [`wire`] (the AWS and Alibaba framing), [`procs`] (`--procs K`),
-//! [`sys`] (/proc readings, the fd limit) and [`report`] (histograms, progress, JSON).
+//! [`sys`] (/proc readings, the fd limit, usage over time), [`report`] (histograms, progress,
+//! JSON) and [`chart`] (the PNG beside the JSON).
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod chart;
 mod churn;
 mod create;
 mod idle;

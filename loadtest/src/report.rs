@@ -12,6 +12,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::chart::Chart;
+use crate::sys::{UsageSample, UsageSampler};
+
 /// Highest latency recorded exactly: 60 s in microseconds (longer ones are clamped).
 const MAX_LATENCY_US: u64 = 60_000_000;
 
@@ -117,16 +120,8 @@ impl Report {
 
     /// Prints the human table.
     pub fn print(&self, op_name: &str) {
-        let params: Vec<String> = self
-            .params
-            .iter()
-            .map(|(k, v)| match v {
-                Value::String(s) => format!("{k}={s}"),
-                v => format!("{k}={v}"),
-            })
-            .collect();
         println!();
-        println!("scenario    {}  ({})", self.scenario, params.join(" "));
+        println!("scenario    {}  ({})", self.scenario, self.param_text());
         println!("duration    {:.2} s", self.seconds);
         println!("{:<11} {} ok, {:.1}/s", op_name, self.ops, self.ops_per_sec);
         let l = &self.latency_us;
@@ -150,6 +145,41 @@ impl Report {
         for (k, v) in &self.extra {
             println!("{k:<11} {v}");
         }
+    }
+
+    /// Its chart: operations per second over time (`extra.ops_per_second`, when sampled) and
+    /// the latency percentiles.
+    pub fn chart(&self, rate_name: &str) -> Chart {
+        use crate::chart::{Panel, Series};
+        let mut chart = Chart::new(format!("{}: {}", self.scenario, self.param_text()));
+        let per_second = self
+            .extra
+            .get("ops_per_second")
+            .and_then(Value::as_array)
+            .map(|v| v.iter().filter_map(Value::as_f64).collect::<Vec<_>>())
+            .unwrap_or_default();
+        chart.push(Panel::Time {
+            title: format!("{rate_name} ({:.1}/s over the run)", self.ops_per_sec),
+            x_label: "seconds of the run".into(),
+            y_label: rate_name.into(),
+            series: vec![Series::per_second(rate_name, per_second)],
+        });
+        chart.push(Panel::Percentiles {
+            title: format!("latency ({} ok, {} failed)", self.ops, self.errors),
+            groups: vec![(self.scenario.clone(), self.latency_us.clone())],
+        });
+        chart
+    }
+
+    fn param_text(&self) -> String {
+        self.params
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}={s}"),
+                v => format!("{k}={v}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Writes the JSON document to `path`.
@@ -201,6 +231,23 @@ pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
     }
 }
 
+/// Samples `pid`'s RSS and open files over the run (see [`UsageSampler`]), in the process that
+/// reports: not in a `--procs` child, whose parent samples the same process.
+pub fn sample_usage(pid: Option<String>) -> Option<UsageSampler> {
+    match pid {
+        Some(pid) if !crate::procs::is_child() => Some(UsageSampler::start(pid)),
+        _ => None,
+    }
+}
+
+/// The samples of [`sample_usage`]'s sampler (none without one).
+pub async fn usage_samples(sampler: Option<UsageSampler>) -> Vec<UsageSample> {
+    match sampler {
+        Some(s) => s.finish().await,
+        None => Vec::new(),
+    }
+}
+
 /// A progress bar on stderr, hidden when stderr is no terminal, with `--quiet` and in child
 /// processes.
 pub fn progress(len: u64, what: &str, quiet: bool) -> ProgressBar {
@@ -230,14 +277,22 @@ pub trait ScenarioReport: Serialize {
     fn print(&self);
     /// Why the run counts as failed (errors, nothing measured), if it does.
     fn failure(&self) -> Option<String>;
+    /// The chart drawn beside the JSON, if the report has something to draw.
+    fn chart(&self) -> Option<Chart> {
+        None
+    }
 }
 
-/// The end of a peer scenario's run: prints `report`, writes it to `json` when given, then
-/// fails with its [`ScenarioReport::failure`], if any.
+/// The end of a peer scenario's run: prints `report`, writes it to `json` when given (and its
+/// [`ScenarioReport::chart`] beside it), then fails with its [`ScenarioReport::failure`], if
+/// any.
 pub fn finish<R: ScenarioReport>(report: &R, json: Option<&Path>) -> anyhow::Result<()> {
     report.print();
     if let Some(path) = json {
         write_json(path, report)?;
+        if let Some(chart) = report.chart() {
+            crate::chart::write_beside_or_warn(&chart, path);
+        }
     }
     match report.failure() {
         Some(why) => Err(anyhow::Error::msg(why)),

@@ -108,6 +108,65 @@ pub fn proc_usage(pid: &str) -> anyhow::Result<ProcUsage> {
     })
 }
 
+/// A process's RSS and open files at one moment of a run.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UsageSample {
+    /// Seconds since the sampler started (the scenario's start, setup included).
+    pub t: f64,
+    /// `VmRSS`, bytes.
+    pub rss_bytes: u64,
+    /// Open files.
+    pub fds: u64,
+}
+
+/// Once a second, reads a process's RSS and open files in a task of its own until stopped:
+/// the usage over a run (growth while pairs connect, what is given back), for the chart.
+pub struct UsageSampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<UsageSample>>,
+}
+
+/// How often [`UsageSampler`] reads: listing `/proc/PID/fd` of a relay holding 100k sockets
+/// takes milliseconds, so once a second costs the relay nothing measurable.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl UsageSampler {
+    /// Starts sampling `pid` (`self` for this process). A process that cannot be read ends
+    /// the samples, it fails nothing.
+    pub fn start(pid: String) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            loop {
+                let done = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = stopped.wait_for(|s| *s) => true,
+                };
+                let Ok(u) = proc_usage(&pid) else {
+                    return samples;
+                };
+                samples.push(UsageSample {
+                    t: (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+                    rss_bytes: u.rss_bytes,
+                    fds: u.fds,
+                });
+                if done {
+                    return samples;
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Takes a last sample and returns them all.
+    pub async fn finish(self) -> Vec<UsageSample> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
 /// Raises this process's soft open-file limit to the hard one; returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
@@ -168,5 +227,17 @@ mod tests {
         assert!(u.rss_bytes > 0 && u.fds >= 3, "{u:?}");
         assert!(proc_usage("999999999").is_err());
         assert!(raise_fd_limit() > 0);
+    }
+
+    #[tokio::test]
+    async fn samples_over_time() {
+        let sampler = UsageSampler::start("self".into());
+        tokio::task::yield_now().await;
+        let samples = sampler.finish().await;
+        assert!(!samples.is_empty());
+        assert!(samples.iter().all(|s| s.rss_bytes > 0 && s.fds >= 3));
+        assert!(samples.windows(2).all(|w| w[0].t <= w[1].t));
+        let none = UsageSampler::start("999999999".into()).finish().await;
+        assert!(none.is_empty());
     }
 }

@@ -26,9 +26,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::chart::{mib, usage_panels, Chart, Panel, Series};
 use crate::peers::{Mode, PeerArgs, Ws};
 use crate::report::{self, median, progress, round1, round3, ScenarioReport};
-use crate::sys::{clk_tck, cpu_ticks, ksoftirqd_ticks, machine_ticks};
+use crate::sys::{clk_tck, cpu_ticks, ksoftirqd_ticks, machine_ticks, UsageSample};
 use crate::wire::{self, Channel, Event, Family, Inbox};
 use crate::{procs, RunArgs};
 
@@ -129,9 +130,11 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     procs::check_tunnels(args.run.procs, args.tunnels)?;
     let flags = |i| procs::tunnel_flags(args.tunnels, k, i);
     let merge = ThroughputReport::merge;
-    let Some(report) = procs::split(k, flags, merge, measure(&args, size)).await? else {
+    let sampler = report::sample_usage(args.peers.relay_pid.map(|p| p.to_string()));
+    let Some(mut report) = procs::split(k, flags, merge, measure(&args, size)).await? else {
         return Ok(());
     };
+    report.usage_timeline = report::usage_samples(sampler).await;
     report::finish(&report, args.run.json.as_deref())
 }
 
@@ -355,6 +358,7 @@ async fn measure(args: &ThroughputArgs, size: usize) -> anyhow::Result<Throughpu
         errors,
         params,
         per_tunnel_rates: if procs::is_child() { rates } else { Vec::new() },
+        usage_timeline: Vec::new(),
     };
     report.machine.other_cpu_seconds = report.other_cpu();
     Ok(report)
@@ -561,6 +565,9 @@ struct ThroughputReport {
     /// Each tunnel's bytes/s, from a child process to its parent only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     per_tunnel_rates: Vec<f64>,
+    /// The relay's RSS and open files once a second (with --relay-pid), setup included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    usage_timeline: Vec<UsageSample>,
 }
 
 impl ThroughputReport {
@@ -686,6 +693,42 @@ impl ScenarioReport for ThroughputReport {
             return Some("no data arrived in the measured window".into());
         }
         None
+    }
+
+    fn chart(&self) -> Option<Chart> {
+        let mut chart = Chart::new(format!(
+            "throughput: {} {} tls={} tunnels={} streams={} size={} procs={}{}",
+            self.mode,
+            self.family.name(),
+            self.tls,
+            self.tunnels,
+            self.streams,
+            self.size,
+            self.procs,
+            self.label
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default()
+        ));
+        let s = &self.per_tunnel_bytes_per_sec;
+        chart.push(Panel::Time {
+            title: format!(
+                "throughput, both directions (per tunnel: min {:.1}, median {:.1}, max {:.1} MiB/s)",
+                mib(s.min),
+                mib(s.median),
+                mib(s.max)
+            ),
+            x_label: "seconds of the measured window".into(),
+            y_label: "MiB/s".into(),
+            series: vec![Series::per_second(
+                "all tunnels",
+                self.timeline_bytes_per_sec.iter().map(|&b| mib(b)),
+            )],
+        });
+        for p in usage_panels(&self.usage_timeline, "relay") {
+            chart.push(p);
+        }
+        Some(chart)
     }
 }
 
