@@ -612,8 +612,15 @@ impl Shard {
                     }
                 }
                 Some(tls) => {
-                    // The ciphertext of `want` plaintext bytes, in records of up to 16 KiB.
-                    let want = want + want.div_ceil(super::tls::MAX_RECORD_PLAIN) * RECORD_OVERHEAD;
+                    // The ciphertext of `want` plaintext bytes, in records of up to 16 KiB,
+                    // and within a frame, of the rest of the record holding its end, less
+                    // what is buffered: so the partial frame still moves at most once.
+                    let records = want.div_ceil(super::tls::MAX_RECORD_PLAIN) * RECORD_OVERHEAD;
+                    let last = match need {
+                        Some(_) => super::tls::MAX_RECORD.saturating_sub(buf.len() - plain),
+                        None => 0,
+                    };
+                    let want = want + records + last;
                     room_for(&mut buf, want);
                     let len = buf.len();
                     let (res, slice) = read

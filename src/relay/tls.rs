@@ -29,7 +29,7 @@ use rustls::{ClientConfig, ExtractedSecrets, RootCertStore, ServerConfig};
 
 mod record;
 
-pub use record::{alert, Session, TlsError, MAX_RECORD_PLAIN, RECORD_OVERHEAD};
+pub use record::{alert, Session, TlsError, MAX_RECORD, MAX_RECORD_PLAIN, RECORD_OVERHEAD};
 use record::{HEADER, MAX_BODY_12};
 
 /// The ALPN protocol of a mesh link: a mesh endpoint refuses a client speaking anything else.

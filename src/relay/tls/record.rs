@@ -24,6 +24,8 @@ pub(super) const MAX_BODY_12: usize = MAX_PLAIN + 2048;
 const TAG: usize = 16;
 /// The explicit nonce in front of a TLS 1.2 AES-GCM record body (RFC 5288 3).
 const EXPLICIT_NONCE: usize = 8;
+/// The longest record a peer may send, header included.
+pub const MAX_RECORD: usize = HEADER + MAX_BODY_12;
 /// Most bytes a record adds to its payload: header, explicit nonce, inner content type, tag.
 pub const RECORD_OVERHEAD: usize = HEADER + EXPLICIT_NONCE + 1 + TAG;
 /// rustls's own soft limit on sequence numbers (record_layer.rs), for suites without one.
@@ -420,11 +422,8 @@ impl<R: Role> Session<R> {
 
     /// Moves the records waiting to be sent into `out`.
     pub fn flush(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
-            std::mem::swap(out, &mut self.pending);
-        } else {
-            out.append(&mut self.pending);
-        }
+        out.extend_from_slice(&self.pending);
+        self.pending.clear();
     }
 
     /// Appends the records waiting to be sent and then `plain`, encrypted, to `out`: the
