@@ -4,9 +4,9 @@
 //! Frames are forwarded frame for frame: a client frame is unmasked in place and its header is
 //! rewritten, in the bytes of its own (4 bytes longer) masked header, as a server header; the
 //! frame then goes to the other side as one contiguous buffer, with no payload copy in user
-//! space beyond what TLS itself needs: with TLS, records are decrypted in place in the read
-//! buffer and their payloads moved down to join the frames (the one copy in), and frames are
-//! encrypted in the writer's buffer (the one copy out).
+//! space beyond what TLS itself needs: with TLS, records are decrypted in the read buffer,
+//! each payload written by the decryption right behind the frames before it (no copy in), and
+//! frames are encrypted in the writer's buffer (the one copy out).
 //!
 //! Backpressure: each peer has a bounded queue of frames to write. A reader whose target queue
 //! is full, or whose other side is absent, stops reading: nothing is ever dropped silently.

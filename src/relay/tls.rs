@@ -1,11 +1,12 @@
-//! TLS for the relay (TLS 1.2 and 1.3), with one payload copy per direction in user space.
+//! TLS for the relay (TLS 1.2 and 1.3), with at most one payload copy per direction in user
+//! space.
 //!
 //! rustls runs each handshake (its unbuffered API, driven over monoio's owned-buffer I/O) and
 //! then keeps the secrets (its kernel API: key updates, session tickets); the records after the
-//! handshake are ours, sealed and opened with ring's AEADs. A record is decrypted in place in
-//! the buffer it was read into and its payload moved down behind the plaintext already there
-//! (the one copy in); plaintext is copied into the write buffer and encrypted there (the one
-//! copy out). A [`Session`] is plain data: it travels with its socket in a hand-off, with the
+//! handshake are ours, sealed and opened with ring's AEADs. A record is decrypted in the
+//! buffer it was read into, its payload written by the decryption itself right behind the
+//! plaintext already there (no copy in); plaintext is copied into the write buffer and
+//! encrypted there (the one copy out). A [`Session`] is plain data: it travels with its socket in a hand-off, with the
 //! ciphertext read past the last whole record.
 //!
 //! The mesh's TLS (TLS 1.3 only, both ends authenticated by the fleet CA) is driven the same

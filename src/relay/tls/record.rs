@@ -2,7 +2,6 @@
 //! where they were read and sealed in place where they are written, with ring's AEADs (the
 //! ones rustls uses); rustls's kernel connection keeps the key schedule (key updates, tickets).
 use std::io;
-use std::ops::Range;
 
 use bytes::BytesMut;
 use ring::aead;
@@ -200,10 +199,10 @@ impl<R: Role> Session<R> {
         !self.pending.is_empty()
     }
 
-    /// Decrypts the whole records in `buf[plain..]` in place and moves their payloads down to
-    /// follow the plaintext at `buf[..plain]`; a partial record stays after them. Returns the
-    /// plaintext's new length. Alerts and post-handshake messages are handled here; records
-    /// they ask for are queued for the writer ([`Self::wants_write`]).
+    /// Decrypts the whole records in `buf[plain..]` in place, each payload written (in the
+    /// decrypting pass) right behind the plaintext before it; a partial record stays after
+    /// them. Returns the plaintext's new length. Alerts and post-handshake messages are handled
+    /// here; records they ask for are queued for the writer ([`Self::wants_write`]).
     pub fn open_in_place(&mut self, buf: &mut BytesMut, plain: usize) -> Result<usize, TlsError> {
         let mut at = plain;
         let mut out = plain;
@@ -219,16 +218,13 @@ impl<R: Role> Session<R> {
             if buf.len() - at < HEADER + len {
                 break;
             }
-            let (typ, payload) = self.open_record(&mut buf[at..at + HEADER + len])?;
-            let payload = at + payload.start..at + payload.end;
+            // The record is decrypted straight to `out`, behind the plaintext before it.
+            let (typ, n) = self.open_record(&mut buf[out..at + HEADER + len], at - out)?;
             match typ {
-                content::APPLICATION_DATA => {
-                    buf.copy_within(payload.clone(), out);
-                    out += payload.len();
-                }
-                content::ALERT => self.on_alert(&buf[payload])?,
+                content::APPLICATION_DATA => out += n,
+                content::ALERT => self.on_alert(&buf[out..out + n])?,
                 content::HANDSHAKE => {
-                    let message = buf[payload].to_vec();
+                    let message = buf[out..out + n].to_vec();
                     self.on_handshake(&message)?;
                 }
                 _ => return Err(self.fail(alert::UNEXPECTED_MESSAGE)),
@@ -247,10 +243,15 @@ impl<R: Role> Session<R> {
         Ok(out)
     }
 
-    /// Opens one whole record in place; returns its content type and where its payload is.
-    fn open_record(&mut self, record: &mut [u8]) -> Result<(u8, Range<usize>), TlsError> {
-        let typ = record[0];
-        let body_len = record.len() - HEADER;
+    /// Opens the whole record at `region[record..]`, its payload decrypted to the start of
+    /// `region` in the same pass (ring's AEADs take overlapping input and output); returns its
+    /// content type and payload length.
+    fn open_record(&mut self, region: &mut [u8], record: usize) -> Result<(u8, usize), TlsError> {
+        let header: [u8; HEADER] = region[record..record + HEADER]
+            .try_into()
+            .expect("a whole record has its header");
+        let typ = header[0];
+        let body_len = region.len() - record - HEADER;
         match self.version {
             Version::Tls13 => {
                 // After the handshake every TLS 1.3 record is an encrypted application_data
@@ -262,26 +263,24 @@ impl<R: Role> Session<R> {
                     return Err(self.fail(alert::BAD_RECORD_MAC));
                 }
                 let nonce = aead::Nonce::assume_unique_for_key(self.rx.nonce());
-                let mut aad = [0; HEADER];
-                aad.copy_from_slice(&record[..HEADER]);
                 let opened = self
                     .rx
                     .key
-                    .open_in_place(nonce, aead::Aad::from(aad), &mut record[HEADER..])
+                    .open_within(nonce, aead::Aad::from(header), region, record + HEADER..)
                     .map(|p| p.len());
                 let Ok(inner_len) = opened else {
                     return Err(self.fail(alert::BAD_RECORD_MAC));
                 };
                 self.rx.seq += 1;
                 // The inner plaintext: content, its type, then zero padding (RFC 8446 5.4).
-                let inner = &record[HEADER..HEADER + inner_len];
+                let inner = &region[..inner_len];
                 let Some(type_at) = inner.iter().rposition(|&b| b != 0) else {
                     return Err(self.fail(alert::UNEXPECTED_MESSAGE));
                 };
                 if type_at > MAX_PLAIN {
                     return Err(self.fail(alert::RECORD_OVERFLOW));
                 }
-                Ok((inner[type_at], HEADER..HEADER + type_at))
+                Ok((inner[type_at], type_at))
             }
             Version::Tls12 => {
                 if !matches!(
@@ -304,21 +303,22 @@ impl<R: Role> Session<R> {
                 }
                 let mut nonce = self.rx.nonce();
                 if explicit > 0 {
+                    let body = record + HEADER;
                     nonce[..4].copy_from_slice(&self.rx.iv[..4]);
-                    nonce[4..].copy_from_slice(&record[HEADER..HEADER + EXPLICIT_NONCE]);
+                    nonce[4..].copy_from_slice(&region[body..body + EXPLICIT_NONCE]);
                 }
-                let aad = aad12(self.rx.seq, typ, [record[1], record[2]], plain_len);
-                let start = HEADER + explicit;
-                let opened = self.rx.key.open_in_place(
+                let aad = aad12(self.rx.seq, typ, [header[1], header[2]], plain_len);
+                let opened = self.rx.key.open_within(
                     aead::Nonce::assume_unique_for_key(nonce),
                     aead::Aad::from(aad),
-                    &mut record[start..],
+                    region,
+                    record + HEADER + explicit..,
                 );
                 if opened.is_err() {
                     return Err(self.fail(alert::BAD_RECORD_MAC));
                 }
                 self.rx.seq += 1;
-                Ok((typ, start..start + plain_len))
+                Ok((typ, plain_len))
             }
         }
     }
