@@ -21,6 +21,7 @@ on_both_drivers! {
     garbage_instead_of_tls;
     garbage_after_tls;
     tls_below_1_2_is_refused_and_1_2_and_1_3_work;
+    tls_key_updates_mid_stream_keep_both_directions;
     upgrade_refusals_carry_status_and_envelope;
     closed_tunnels_token_is_refused_with_409;
     family_mismatch_is_refused_with_409;
@@ -192,6 +193,36 @@ async fn tls_below_1_2_is_refused_and_1_2_and_1_3_work(driver: IoDriver) {
     assert_eq!(device.next_message().await.payload.as_ref(), b"over 1.3");
     device.send(&data(1, "", 1, b"over 1.2")).await;
     assert_eq!(client.next_message().await.payload.as_ref(), b"over 1.2");
+    s.echo.assert_echoes().await;
+}
+
+/// TLS 1.3 key updates from both peers, each asking the relay to update its own keys too
+/// (the relay opens and seals the records itself): traffic keeps flowing both ways.
+async fn tls_key_updates_mid_stream_keep_both_directions(driver: IoDriver) {
+    let mut s = scene(driver, |_| {}).await;
+    let tun = open_tunnel(&s.t, &mut s.f, &["SSH"]).await;
+    let tls13 = s
+        .relay
+        .clone()
+        .with_tls_versions(&s.t, &[&rustls::version::TLS13]);
+    let mut device = AwsPeer::connect(&tls13, Mode::Destination, Aws::V3, &tun.device_token).await;
+    let mut client = AwsPeer::connect(&tls13, Mode::Source, Aws::V3, &tun.client_token).await;
+    client.send(&stream_start(1, "SSH", 1)).await;
+    assert!(device.next_message().await.r#type == MessageType::StreamStart as i32);
+    for round in 0..3u8 {
+        for peer in [&mut client, &mut device] {
+            match peer.ws.get_mut() {
+                RelayStream::Tls(tls) => tls.get_mut().1.refresh_traffic_keys().unwrap(),
+                RelayStream::Plain(_) => panic!("a wss relay"),
+            }
+        }
+        let up = vec![round; 40_000];
+        client.send(&data(1, "", 1, &up)).await;
+        assert_eq!(device.next_message().await.payload.as_ref(), &up[..]);
+        let down = vec![round + 100; 40_000];
+        device.send(&data(1, "", 1, &down)).await;
+        assert_eq!(client.next_message().await.payload.as_ref(), &down[..]);
+    }
     s.echo.assert_echoes().await;
 }
 

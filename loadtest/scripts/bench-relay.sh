@@ -3,12 +3,14 @@
 #   (a) direct    : the loadtest's peers connected to each other, no relay (the baseline);
 #   (b) plain     : iotunnel relay, ws (--relay-plaintext), --shards $BENCH_SHARDS (default 2);
 #   (c) tls       : iotunnel relay, wss (the generated CA), same shards;
-#   (d) baseline  : iotunnel-baseline-relay (tokio + tokio-tungstenite, ws).
+#   (d) baseline  : iotunnel-baseline-relay (tokio + tokio-tungstenite, ws);
+#   (e) baseline-tls: the same with wss (tokio-rustls, the relay's TLS configuration); not in
+#       the default BENCH_CONFIGS (add it: BENCH_CONFIGS="direct plain tls baseline baseline-tls").
 # Each for two workloads: "single" (--tunnels 1 --streams 1 --size 65536) and "t8"
 # (--tunnels 8 --streams 1 --size 65536); "t64" (--tunnels 64 --size 16384, scale.sh's load: CPU
 # per GiB at many tunnels per shard) when named in BENCH_WORKLOADS. Every (workload, config) runs RUNS times (default 3),
 # the configs of one round back to back in a rotating order, each on a fresh server or baseline
-# relay. (b), (c) and (d) record the relay's CPU with --relay-pid.
+# relay. (b) to (e) record the relay's CPU with --relay-pid.
 #
 # Usage (from anywhere; it builds release first unless BENCH_NO_BUILD=1):
 #   loadtest/scripts/bench-relay.sh [RUNS] [OUT_DIR]      (OUT_DIR default /work/scratch/bench-relay)
@@ -142,11 +144,16 @@ run_case() { # WORKLOAD CONFIG RUN -> 0 ok, 3 disturbed, 1 failed
       kill "$srv"; wait "$srv" || true
       rm -rf "$d"
       ;;
-    baseline)
-      "${SRV_PIN[@]}" "$BIN/iotunnel-baseline-relay" --listen "$BASELINE" > "$OUT/$w-$c-run$i.server.log" 2>&1 &
+    baseline | baseline-tls)
+      local btls=() ltls=()
+      if [ "$c" = baseline-tls ]; then
+        btls=(--tls-dir "$DATA_BASE/baseline-tls")
+        ltls=(--baseline-tls --ca-file "$DATA_BASE/baseline-tls/tls/ca.pem")
+      fi
+      "${SRV_PIN[@]}" "$BIN/iotunnel-baseline-relay" --listen "$BASELINE" "${btls[@]}" > "$OUT/$w-$c-run$i.server.log" 2>&1 &
       srv=$!
       wait_port "$BASELINE"
-      "${lt[@]}" --baseline "$BASELINE" --relay-pid "$srv" > "$log" 2>&1 ||
+      "${lt[@]}" --baseline "$BASELINE" "${ltls[@]}" --relay-pid "$srv" > "$log" 2>&1 ||
         { tail -3 "$log"; kill "$srv"; wait "$srv" || true; return 1; }
       kill "$srv"; wait "$srv" || true
       ;;
@@ -253,6 +260,9 @@ for w in workloads:
         "cpu_per_gib_plain_over_baseline": paired(cpu, "plain", "baseline"),
         "cpu_per_gib_tls_over_baseline": paired(cpu, "tls", "baseline"),
         "cpu_per_gib_tls_over_plain": paired(cpu, "tls", "plain"),
+        "tls_over_baseline_tls_throughput": paired(bps, "tls", "baseline-tls"),
+        "cpu_per_gib_tls_over_baseline_tls": paired(cpu, "tls", "baseline-tls"),
+        "cpu_per_gib_baseline_tls_over_baseline": paired(cpu, "baseline-tls", "baseline"),
     }
     summary["workloads"][w] = {"configs": res, "paired_ratios": ratios}
     lines.append(f"\n### workload {w}\n")

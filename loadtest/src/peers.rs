@@ -84,6 +84,10 @@ pub struct PeerArgs {
     /// Dial a plain ws baseline relay (iotunnel-baseline-relay) at this host:port; no API.
     #[arg(long, value_name = "ADDR")]
     pub baseline: Option<String>,
+    /// The --baseline relay serves wss (started with --tls-cert/--tls-key), trusted through
+    /// --ca-file.
+    #[arg(long, requires = "baseline")]
+    pub baseline_tls: bool,
     /// Source addresses the peers bind to (127.0.1.1, 127.0.1.2, ... round-robin) when the
     /// relay is on loopback, each with its own ephemeral port range; 1 = the kernel's choice.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=60_000))]
@@ -734,8 +738,15 @@ impl Pairs {
                     bail!("the baseline relay speaks the AWS family only: drop --family");
                 }
                 let addr = args.baseline.clone().unwrap_or_default();
-                let dialer =
-                    Dialer::new(&addr, false, None, family, false, args.source_ips).await?;
+                let dialer = Dialer::new(
+                    &addr,
+                    args.baseline_tls,
+                    args.ca_file.as_deref(),
+                    family,
+                    false,
+                    args.source_ips,
+                )
+                .await?;
                 let raw = collect_pairs((0..n).map(|i| {
                     let dialer = &dialer;
                     async move {

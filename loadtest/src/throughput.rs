@@ -338,7 +338,11 @@ async fn measure(args: &ThroughputArgs, size: usize) -> anyhow::Result<Throughpu
         mode: mode.name().into(),
         family,
         label: args.run.label.clone(),
-        tls: mode == Mode::Relay && !args.peers.plaintext,
+        tls: match mode {
+            Mode::Relay => !args.peers.plaintext,
+            Mode::Baseline => args.peers.baseline_tls,
+            Mode::Direct => false,
+        },
         tunnels: args.tunnels,
         streams: args.streams,
         size: size as u32,

@@ -1,5 +1,5 @@
 //! `throughput` end to end, briefly: against the in-process iotunnel relay (ws and wss), the
-//! baseline relay binary and the direct pairing; the JSON has the documented fields, and a
+//! baseline relay binary (ws and wss) and the direct pairing; the JSON has the documented fields, and a
 //! dead endpoint fails fast.
 use std::path::Path;
 use std::process::{Command, Output};
@@ -122,38 +122,46 @@ fn direct_pairs() {
 }
 
 #[test]
-fn through_the_baseline_relay() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_iotunnel-baseline-relay"))
-        .args(["--listen", &addr])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
+fn through_the_baseline_relay_over_ws_and_wss() {
+    for tls in [false, true] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let tls_dir = tempfile::tempdir().unwrap();
+        let mut relay = Command::new(env!("CARGO_BIN_EXE_iotunnel-baseline-relay"));
+        relay.args(["--listen", &addr]);
+        if tls {
+            relay.arg("--tls-dir").arg(tls_dir.path());
+        }
+        let mut relay = relay.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the baseline relay did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pid = relay.id().to_string();
+        let ca = tls_dir.path().join("tls").join("ca.pem");
+        let mut args = vec!["--baseline", &addr, "--tunnels", "2", "--relay-pid", &pid];
+        if tls {
+            args.extend(["--baseline-tls", "--ca-file", ca.to_str().unwrap()]);
+        }
+        let v = run_ok(dir.path(), &args);
+        let _ = relay.kill();
+        let _ = relay.wait();
+        check_fields(&v, "baseline", 2);
+        assert_eq!(v["tls"], tls);
         assert!(
-            Instant::now() < deadline,
-            "the baseline relay did not start"
+            v["relay_cpu"]["cpu_seconds_per_gib"].as_f64().unwrap() > 0.0,
+            "{v}"
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pid = relay.id().to_string();
-    let v = run_ok(
-        dir.path(),
-        &["--baseline", &addr, "--tunnels", "2", "--relay-pid", &pid],
-    );
-    let _ = relay.kill();
-    let _ = relay.wait();
-    check_fields(&v, "baseline", 2);
-    assert!(
-        v["relay_cpu"]["cpu_seconds_per_gib"].as_f64().unwrap() > 0.0,
-        "{v}"
-    );
 }
 
 #[test]

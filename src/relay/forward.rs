@@ -21,6 +21,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -32,6 +33,7 @@ use rustls::pki_types::ServerName;
 
 use super::pump::Tls;
 use super::stats::MeshDirection;
+use super::tls::{ClientSession, Session};
 use super::upgrade::{self, Conn, Refusal, CIPHER_READ};
 use super::{mesh, sys, ShardCtx};
 use crate::token;
@@ -44,12 +46,12 @@ const SPLICE_READ: usize = CIPHER_READ;
 const STALLED_PINGS: u32 = 4;
 
 /// The mesh link's TLS session, shared by both tasks.
-type MeshSession = Rc<RefCell<rustls::ClientConnection>>;
+type MeshSession = Rc<RefCell<ClientSession>>;
 
 /// A mesh link to the owner, past its handshake and first flight.
 struct MeshLink {
     stream: TcpStream,
-    tls: rustls::ClientConnection,
+    tls: Box<ClientSession>,
     /// Plaintext the owner sent with its handshake flight (none in practice: it speaks only
     /// once it has read the request), carried so that no byte is lost (STYLE rule 10).
     early: BytesMut,
@@ -102,52 +104,29 @@ async fn connect(
     first.extend_from_slice(preamble.as_bytes());
     first.extend_from_slice(&head);
     first.extend_from_slice(&conn.buffered);
-    let session = rustls::ClientConnection::new(
-        cfg.tls.client.clone(),
-        ServerName::try_from(mesh::SERVER_NAME).expect("a valid DNS name"),
+    let name = ServerName::try_from(mesh::SERVER_NAME).expect("a valid DNS name");
+    monoio::time::timeout(
+        ctx.cfg.handshake_timeout,
+        dial(addr, cfg.tls.client.clone(), name, first),
     )
-    .map_err(io::Error::other)?;
-    monoio::time::timeout(ctx.cfg.handshake_timeout, dial(addr, session, first))
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    .await
+    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
-/// The TCP connection and TLS handshake to `addr`, then `first` (sent with the client's last
-/// handshake flight: one round trip for TLS 1.3).
+/// The TCP connection and TLS handshake to `addr` (a failed handshake has sent rustls's
+/// alert, as far as the owner listens), then `first`.
 async fn dial(
     addr: SocketAddr,
-    mut tls: rustls::ClientConnection,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
     first: Vec<u8>,
 ) -> io::Result<MeshLink> {
     let mut stream = TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
     let mut early = BytesMut::new();
+    let mut tls = super::tls::connect(&mut stream, config, name, &mut early).await?;
     let mut out = Vec::new();
-    let mut buf = Vec::with_capacity(SPLICE_READ);
-    while tls.is_handshaking() {
-        super::tls::seal(&mut tls, &[], &mut out)?;
-        if !out.is_empty() {
-            let (res, o) = stream.write_all(std::mem::take(&mut out)).await;
-            out = o;
-            out.clear();
-            res?;
-        }
-        let (res, b) = stream.read(buf).await;
-        buf = b;
-        let n = match res? {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => n,
-        };
-        if let Err(e) = super::tls::absorb(&mut tls, &buf[..n], &mut early) {
-            // Tell the owner why (rustls queued the alert), as far as it listens.
-            if super::tls::seal(&mut tls, &[], &mut out).is_ok() && !out.is_empty() {
-                let _ = stream.write_all(out).await;
-            }
-            return Err(e);
-        }
-        buf.clear();
-    }
-    super::tls::seal(&mut tls, &first, &mut out)?;
+    tls.seal(&first, &mut out)?;
     let (res, _) = stream.write_all(out).await;
     res?;
     Ok(MeshLink { stream, tls, early })
@@ -196,7 +175,7 @@ async fn splice(conn: Conn, mesh: MeshLink, ctx: Rc<ShardCtx>) {
         mesh: mesh.as_raw_fd(),
     };
     let tls = tls.map(|b| Rc::new(RefCell::new(*b)));
-    let mesh_tls = Rc::new(RefCell::new(mesh_tls));
+    let mesh_tls = Rc::new(RefCell::new(*mesh_tls));
     let open = OpenForward::new(ctx.clone());
     let (peer_read, peer_write) = stream.into_split();
     let (mesh_read, mesh_write) = mesh.into_split();
@@ -229,31 +208,25 @@ async fn peer_to_mesh(
     open: Rc<OpenForward>,
 ) {
     let stats = &open.0.stats;
-    let mut buf = Vec::with_capacity(SPLICE_READ);
-    let mut plain = BytesMut::new();
+    // Ciphertext (or plaintext) read from the peer; with TLS, the partial record at its end
+    // stays for the next read.
+    let mut buf = match &tls {
+        Some(tls) => std::mem::take(&mut tls.borrow_mut().incoming),
+        None => BytesMut::new(),
+    };
     let mut sealed = Vec::new();
     loop {
-        let (res, b) = read.read(buf).await;
-        buf = b;
-        let n = match res {
-            Ok(n) if n > 0 => n,
-            Ok(_) => break,
-            Err(_) => return fds.shut_all(),
+        let (n, still_open) = match read_into(&mut read, &mut buf, tls.as_ref()).await {
+            Ok(Some(read)) => read,
+            Ok(None) => break,
+            Err(()) => return fds.shut_all(),
         };
-        let (data, still_open): (&[u8], bool) = match &tls {
-            None => (&buf[..n], true),
-            Some(tls) => match super::tls::absorb(&mut tls.borrow_mut(), &buf[..n], &mut plain) {
-                Ok((_, still_open)) => (&plain, still_open),
-                Err(_) => return fds.shut_all(),
-            },
-        };
-        stats.mesh_bytes(MeshDirection::Outbound, data.len());
+        stats.mesh_bytes(MeshDirection::Outbound, n);
         sealed.clear();
-        if super::tls::seal(&mut mesh_tls.borrow_mut(), data, &mut sealed).is_err() {
+        if mesh_tls.borrow_mut().seal(&buf[..n], &mut sealed).is_err() {
             return fds.shut_all();
         }
-        plain.clear();
-        buf.clear();
+        let _ = buf.split_to(n);
         if !sealed.is_empty() {
             let (res, s) = write.write_all(std::mem::take(&mut sealed)).await;
             sealed = s;
@@ -266,18 +239,45 @@ async fn peer_to_mesh(
         }
     }
     sealed.clear();
-    let closing = {
-        let mut session = mesh_tls.borrow_mut();
-        session.send_close_notify();
-        super::tls::seal(&mut session, &[], &mut sealed)
-    };
-    if closing.is_ok() && !sealed.is_empty() {
+    mesh_tls.borrow_mut().close(&mut sealed);
+    if !sealed.is_empty() {
         let (res, _) = write.write_all(sealed).await;
         if res.is_err() {
             return fds.shut_all();
         }
     }
     let _ = write.shutdown().await;
+}
+
+/// Reads once into `buf` and, with a session, opens the records in place: returns how much
+/// plaintext `buf` starts with and whether the stream is still open (no close_notify), `None`
+/// at end of stream, `Err` on a read or TLS error (the session keeps its alert for the other
+/// task's next seal).
+async fn read_into<S: super::tls::Role>(
+    read: &mut OwnedReadHalf<TcpStream>,
+    buf: &mut BytesMut,
+    tls: Option<&Rc<RefCell<Session<S>>>>,
+) -> Result<Option<(usize, bool)>, ()> {
+    buf.reserve(SPLICE_READ);
+    let len = buf.len();
+    let (res, slice) = read
+        .read(monoio::buf::IoBufMut::slice_mut(
+            std::mem::take(buf),
+            len..len + SPLICE_READ,
+        ))
+        .await;
+    *buf = slice.into_inner();
+    match res {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(_) => return Err(()),
+    }
+    let Some(tls) = tls else {
+        return Ok(Some((buf.len(), true)));
+    };
+    let mut session = tls.borrow_mut();
+    let plain = session.open_in_place(buf, 0).map_err(drop)?;
+    Ok(Some((plain, !session.peer_closed())))
 }
 
 /// The peer's end of the owner -> peer task: its write half, its TLS session, and the bound
@@ -290,8 +290,9 @@ struct ToPeer {
 }
 
 impl ToPeer {
-    /// Writes `plain` to the peer (encrypted when it has a session; with `close_notify` after
-    /// it when `closing`); false when the peer cannot take it.
+    /// Writes `plain` to the peer (encrypted when it has a session, after whatever records the
+    /// session has pending; with `close_notify` after it when `closing`); false when the peer
+    /// cannot take it.
     async fn send(&mut self, plain: BytesMut, closing: bool) -> (bool, BytesMut) {
         let Some(tls) = &self.tls else {
             if plain.is_empty() {
@@ -302,18 +303,14 @@ impl ToPeer {
         self.sealed.clear();
         let sealed = {
             let mut session = tls.borrow_mut();
-            let mut ok = super::tls::seal(&mut session, &plain, &mut self.sealed).is_ok();
+            let ok = session.seal(&plain, &mut self.sealed).is_ok();
             if closing {
-                session.send_close_notify();
-                ok &= super::tls::seal(&mut session, &[], &mut self.sealed).is_ok();
+                session.close(&mut self.sealed);
             }
             ok
         };
-        if !sealed {
-            return (false, plain);
-        }
         if self.sealed.is_empty() {
-            return (true, plain);
+            return (sealed, plain);
         }
         let (ok, out) = write_within(
             &mut self.write,
@@ -322,7 +319,7 @@ impl ToPeer {
         )
         .await;
         self.sealed = out;
-        (ok, plain)
+        (ok && sealed, plain)
     }
 }
 
@@ -350,15 +347,13 @@ async fn mesh_to_peer(
     open: Rc<OpenForward>,
 ) {
     let stats = &open.0.stats;
-    let mut buf = Vec::with_capacity(SPLICE_READ);
+    let mut buf = std::mem::take(&mut mesh_tls.borrow_mut().incoming);
     let mut plain = early;
     let mut still_open = true;
     loop {
         if !plain.is_empty() {
             stats.mesh_bytes(MeshDirection::Outbound, plain.len());
-            let (ok, p) = peer.send(plain, false).await;
-            plain = p;
-            plain.clear();
+            let (ok, _) = peer.send(std::mem::take(&mut plain), false).await;
             if !ok {
                 return fds.shut_all();
             }
@@ -366,21 +361,18 @@ async fn mesh_to_peer(
         if !still_open {
             break;
         }
-        let (res, b) = read.read(buf).await;
-        buf = b;
-        let n = match res {
-            Ok(n) if n > 0 => n,
-            _ => break,
-        };
-        match super::tls::absorb(&mut mesh_tls.borrow_mut(), &buf[..n], &mut plain) {
-            Ok((_, open)) => still_open = open,
-            Err(e) => {
-                tracing::warn!(error = %e, "mesh link to the owner failed");
+        match read_into(&mut read, &mut buf, Some(&mesh_tls)).await {
+            Ok(Some((n, open))) => {
+                plain = buf.split_to(n);
+                still_open = open;
+            }
+            Ok(None) => break,
+            Err(()) => {
+                tracing::warn!("mesh link to the owner failed");
                 return fds.shut_all();
             }
         }
-        buf.clear();
     }
-    let _ = peer.send(plain, true).await;
+    let _ = peer.send(BytesMut::new(), true).await;
     fds.shut_all();
 }

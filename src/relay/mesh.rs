@@ -58,7 +58,7 @@ use subtle::ConstantTimeEq;
 
 pub use super::tls::MeshTls;
 use super::upgrade::{self, Accepted, Arrival, Conn};
-use super::{pump, ShardCtx};
+use super::{pump, tls, ShardCtx};
 use crate::clock::Millis;
 use crate::token;
 
@@ -266,7 +266,7 @@ pub(super) async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, state:
 
 /// Reads the preamble line from the decrypted stream; returns it without its `\r\n`, leaving
 /// the bytes after it in `conn.buffered`.
-async fn read_preamble(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> Option<BytesMut> {
+async fn read_preamble(conn: &mut Conn) -> Option<BytesMut> {
     loop {
         if let Some(end) = conn.buffered.windows(2).position(|w| w == b"\r\n") {
             if end + 2 > MAX_PREAMBLE {
@@ -279,7 +279,7 @@ async fn read_preamble(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> Option<
         if conn.buffered.len() >= MAX_PREAMBLE {
             return None;
         }
-        match upgrade::read_more(conn, cipher).await {
+        match upgrade::read_more(conn).await {
             Ok(true) => {}
             _ => return None,
         }
@@ -308,27 +308,20 @@ async fn inbound(
     let Some(cfg) = ctx.cfg.mesh.as_ref() else {
         return;
     };
-    let session = match rustls::ServerConnection::new(cfg.tls.server.clone()) {
-        Ok(session) => session,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start a mesh TLS session");
-            return;
-        }
-    };
-    let mut conn = Conn {
-        stream,
-        tls: Some(Box::new(session)),
-        buffered: BytesMut::new(),
-        peer: from,
-    };
     let handshake = async {
-        let mut cipher = None;
-        if let Err(e) = upgrade::handshake(&mut conn, &mut cipher).await {
-            // Tell the other end why (rustls queued the alert), as far as it listens.
-            let _ = upgrade::flush_tls(&mut conn).await;
-            return Err(Refused::Tls(e));
-        }
-        let Some(line) = read_preamble(&mut conn, &mut cipher).await else {
+        let mut stream = stream;
+        let mut buffered = BytesMut::new();
+        // A failed handshake has sent rustls's alert, as far as the other end listens.
+        let session = tls::accept(&mut stream, cfg.tls.server.clone(), &mut buffered)
+            .await
+            .map_err(Refused::Tls)?;
+        let mut conn = Conn {
+            stream,
+            tls: Some(session),
+            buffered,
+            peer: from,
+        };
+        let Some(line) = read_preamble(&mut conn).await else {
             return Err(Refused::Auth("malformed"));
         };
         let now = ctx.clock.now_ms();
@@ -343,7 +336,7 @@ async fn inbound(
         tracing::debug!(%from, from_node = %preamble.from_node, peer = %preamble.peer, "mesh connection");
         conn.peer = preamble.peer;
         match upgrade::accept(&mut conn, &ctx, Arrival::Mesh).await {
-            Ok(Accepted::Local(up)) => Ok(up),
+            Ok(Accepted::Local(up)) => Ok((conn, up)),
             // check() refuses a remote tunnel that arrived over the mesh.
             Ok(Accepted::Forward { .. }) => Err(Refused::Upgrade),
             Err(refusal) => {
@@ -355,7 +348,7 @@ async fn inbound(
     };
     let result = monoio::time::timeout(ctx.cfg.handshake_timeout, handshake).await;
     match result {
-        Ok(Ok(up)) => super::hand_off(&ctx, &state, conn, up),
+        Ok(Ok((conn, up))) => super::hand_off(&ctx, &state, conn, up),
         Ok(Err(Refused::Tls(e))) => {
             ctx.stats.handshake_failed("mesh_tls");
             tracing::info!(%from, error = %e, "mesh TLS handshake failed");

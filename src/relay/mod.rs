@@ -125,7 +125,7 @@ pub enum ShardMsg {
 #[derive(Debug)]
 pub struct HandOff {
     fd: RawFd,
-    tls: Option<Box<rustls::ServerConnection>>,
+    tls: Option<Box<tls::ServerSession>>,
     buffered: BytesMut,
     peer: SocketAddr,
     upgrade: upgrade::Upgrade,
@@ -236,7 +236,7 @@ impl RelayHandle {
     /// Starts one shard per listener and routes the control plane's commands to them; shard 0
     /// also accepts on `mesh_listener` (which needs `cfg.mesh`).
     pub fn start(
-        cfg: RelayConfig,
+        mut cfg: RelayConfig,
         io_driver: IoDriver,
         seam: DataPlaneSeam,
         clock: Arc<dyn Clock>,
@@ -250,6 +250,8 @@ impl RelayHandle {
         if let Some(mesh) = &cfg.mesh {
             mesh::check_node_id(&mesh.identity.node_id)?;
         }
+        // Our record layer takes over from rustls after each handshake.
+        cfg.tls = cfg.tls.take().map(tls::with_extraction);
         if mesh_listener.is_some() && cfg.mesh.is_none() {
             anyhow::bail!("a mesh listener needs a node id, a mesh key and the mesh TLS");
         }
@@ -527,28 +529,30 @@ async fn handshake(
     state: Rc<pump::Shard>,
     slot: HandshakeSlot,
 ) {
-    let tls = match &ctx.cfg.tls {
-        Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
-            Ok(c) => Some(Box::new(c)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start a TLS session");
-                return;
+    let accepting = async {
+        let mut stream = stream;
+        let mut buffered = BytesMut::new();
+        let tls = match &ctx.cfg.tls {
+            Some(cfg) => {
+                let session = tls::accept(&mut stream, cfg.clone(), &mut buffered).await;
+                Some(session.map_err(|_| None)?)
             }
-        },
-        None => None,
+            None => None,
+        };
+        let mut conn = upgrade::Conn {
+            stream,
+            tls,
+            buffered,
+            peer,
+        };
+        let accepted = upgrade::accept(&mut conn, &ctx, upgrade::Arrival::Direct).await?;
+        Ok::<_, Option<upgrade::Refusal>>((conn, accepted))
     };
-    let mut conn = upgrade::Conn {
-        stream,
-        tls,
-        buffered: BytesMut::new(),
-        peer,
-    };
-    let accepting = upgrade::accept(&mut conn, &ctx, upgrade::Arrival::Direct);
     let result = monoio::time::timeout(ctx.cfg.handshake_timeout, accepting).await;
     drop(slot);
-    let up = match result {
-        Ok(Ok(upgrade::Accepted::Local(up))) => up,
-        Ok(Ok(upgrade::Accepted::Forward { owner_node, head })) => {
+    let (conn, up) = match result {
+        Ok(Ok((conn, upgrade::Accepted::Local(up)))) => (conn, up),
+        Ok(Ok((conn, upgrade::Accepted::Forward { owner_node, head }))) => {
             forward::forward(conn, &owner_node, head, ctx).await;
             return;
         }

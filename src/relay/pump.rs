@@ -4,7 +4,9 @@
 //! Frames are forwarded frame for frame: a client frame is unmasked in place and its header is
 //! rewritten, in the bytes of its own (4 bytes longer) masked header, as a server header; the
 //! frame then goes to the other side as one contiguous buffer, with no payload copy in user
-//! space beyond what TLS itself needs.
+//! space beyond what TLS itself needs: with TLS, records are decrypted in the read buffer,
+//! each payload written by the decryption right behind the frames before it (no copy in), and
+//! frames are encrypted in the writer's buffer (the one copy out).
 //!
 //! Backpressure: each peer has a bounded queue of frames to write. A reader whose target queue
 //! is full, or whose other side is absent, stops reading: nothing is ever dropped silently.
@@ -22,7 +24,8 @@ use tokio::sync::Notify;
 
 use super::outbox::{Outbox, Refused};
 use super::stats::MeshDirection;
-use super::upgrade::{Conn, Upgrade, CIPHER_READ};
+use super::tls::RECORD_OVERHEAD;
+use super::upgrade::{Conn, Upgrade};
 use super::{sys, ShardCtx};
 use crate::proto::aliyun::{self, FrameType};
 use crate::proto::aws::{self, BoundaryTracker, MessageType, ProtocolVersion};
@@ -39,7 +42,8 @@ const MISSED_PINGS: u32 = 3;
 /// Smallest read: what an idle peer's pending read holds.
 const MIN_READ: usize = 1024;
 
-pub(super) type Tls = Rc<RefCell<rustls::ServerConnection>>;
+/// A peer's TLS session, shared by its reader (opens records) and writer (seals them).
+pub(super) type Tls = Rc<RefCell<super::tls::ServerSession>>;
 /// A frame queued for a writer, with when it was read (for the forwarding latency).
 pub(super) type Queued = (Bytes, Option<Instant>);
 
@@ -305,6 +309,14 @@ impl Shard {
         tracing::debug!(tunnel_id = %slot.tunnel.tunnel_id, side = up.side.as_str(), %addr, "peer connected");
 
         let tls = tls.map(|b| Rc::new(RefCell::new(*b)));
+        // The reader's buffer: the plaintext read past the request, then the ciphertext read
+        // past the last whole record (STYLE rule 10: nothing read is lost in the hand-off).
+        let mut buffered = buffered;
+        let plain = buffered.len();
+        if let Some(tls) = &tls {
+            let tail = std::mem::take(&mut tls.borrow_mut().incoming);
+            buffered.extend_from_slice(&tail);
+        }
         let (read, write) = stream.into_split();
         monoio::spawn(super::writer::write_loop(
             peer.clone(),
@@ -313,7 +325,10 @@ impl Shard {
             tls.clone(),
         ));
         monoio::spawn(pinger(peer.clone(), self.ctx.clone()));
-        monoio::spawn(self.clone().serve_reader(slot, peer, read, tls, buffered));
+        monoio::spawn(
+            self.clone()
+                .serve_reader(slot, peer, read, tls, (buffered, plain)),
+        );
     }
 
     async fn serve_reader(
@@ -322,7 +337,7 @@ impl Shard {
         peer: Rc<Peer>,
         read: OwnedReadHalf<TcpStream>,
         tls: Option<Tls>,
-        buffered: BytesMut,
+        buffered: (BytesMut, usize),
     ) {
         let stop = self.read_loop(&slot, &peer, read, tls, buffered).await;
         peer.halves.set(peer.halves.get() - 1);
@@ -462,31 +477,34 @@ impl Shard {
         peer: &Rc<Peer>,
         mut read: OwnedReadHalf<TcpStream>,
         tls: Option<Tls>,
-        mut buf: BytesMut,
+        (mut buf, mut plain): (BytesMut, usize),
     ) -> Stop {
         let max = self.ctx.cfg.max_frame_payload;
         let mut fragments = FragmentTracker::new();
         let mut aws_tracker = BoundaryTracker::new();
-        let mut cipher: Vec<u8> = Vec::new();
-        let mut cipher_want = MIN_READ;
         // Length of the last frame: the size of the next read when no header is buffered.
         let mut expect = MIN_READ;
+        // The peer sent close_notify: the frames before it are still forwarded.
+        let mut tls_closed = false;
+        // `buf` holds plaintext frames (`..plain`), then, with TLS, ciphertext past the last
+        // whole record.
         loop {
             // Bytes still missing from the frame whose header is buffered.
             let mut need = None;
             loop {
-                let hdr = match ws::parse_client_header(&buf, max) {
+                let hdr = match ws::parse_client_header(&buf[..plain], max) {
                     Ok(Some(h)) => h,
                     Ok(None) => break,
                     Err(e) => return Stop::violation(e.close_code(), e.label()),
                 };
                 let frame_len = hdr.frame_len();
                 expect = frame_len;
-                if buf.len() < frame_len {
-                    need = Some(frame_len - buf.len());
+                if plain < frame_len {
+                    need = Some(frame_len - plain);
                     break;
                 }
                 let mut frame = buf.split_to(frame_len);
+                plain -= frame_len;
                 peer.bytes_sent
                     .set(peer.bytes_sent.get() + frame_len as u64);
                 if peer.via_mesh {
@@ -575,11 +593,35 @@ impl Shard {
             if peer.closing.get() {
                 return Stop::quiet(peer.end_reason.get());
             }
+            if tls_closed {
+                return Stop::quiet("peer_gone");
+            }
             // Read more.
             let want = need.unwrap_or(expect.max(MIN_READ));
-            room_for(&mut buf, want);
             match &tls {
                 None => {
+                    room_for(&mut buf, want);
+                    let len = buf.len();
+                    let (res, slice) = read
+                        .read(monoio::buf::IoBufMut::slice_mut(buf, len..len + want))
+                        .await;
+                    buf = slice.into_inner();
+                    match res {
+                        Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
+                        Ok(n) => plain += n,
+                    }
+                }
+                Some(tls) => {
+                    // The ciphertext of `want` plaintext bytes, in records of up to 16 KiB,
+                    // and within a frame, of the rest of the record holding its end, less
+                    // what is buffered: so the partial frame still moves at most once.
+                    let records = want.div_ceil(super::tls::MAX_RECORD_PLAIN) * RECORD_OVERHEAD;
+                    let last = match need {
+                        Some(_) => super::tls::MAX_RECORD.saturating_sub(buf.len() - plain),
+                        None => 0,
+                    };
+                    let want = want + records + last;
+                    room_for(&mut buf, want);
                     let len = buf.len();
                     let (res, slice) = read
                         .read(monoio::buf::IoBufMut::slice_mut(buf, len..len + want))
@@ -589,34 +631,15 @@ impl Shard {
                         Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
                         Ok(_) => {}
                     }
-                }
-                Some(tls) => {
-                    if cipher.capacity() < cipher_want || cipher.capacity() > 4 * cipher_want {
-                        cipher = Vec::with_capacity(cipher_want);
-                    }
-                    let (res, c) = read.read(std::mem::take(&mut cipher)).await;
-                    cipher = c;
-                    let n = match res {
-                        Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
-                        Ok(n) => n,
-                    };
-                    // A full read asks for the largest next time; a short one sizes to fit.
-                    cipher_want = if n == cipher.capacity() {
-                        CIPHER_READ
-                    } else {
-                        n.next_power_of_two().clamp(MIN_READ, CIPHER_READ)
-                    };
-                    let absorbed =
-                        super::tls::absorb(&mut tls.borrow_mut(), &cipher[..n], &mut buf);
-                    let Ok((wants_write, open)) = absorbed else {
+                    let mut session = tls.borrow_mut();
+                    // On an error the session holds its alert; the writer sends it.
+                    let Ok(opened) = session.open_in_place(&mut buf, plain) else {
                         return Stop::quiet("tls_error");
                     };
-                    cipher.clear();
-                    if wants_write {
+                    plain = opened;
+                    tls_closed = session.peer_closed();
+                    if session.wants_write() {
                         peer.outbox.push_ctl(Ctl::FlushTls);
-                    }
-                    if !open {
-                        return Stop::quiet("peer_gone");
                     }
                 }
             }

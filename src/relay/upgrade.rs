@@ -24,20 +24,25 @@ use crate::proto::{aliyun, ws};
 use crate::seam::{Family, IndexedTunnel, Side};
 use crate::token;
 
+use super::tls::ServerSession;
 use super::ShardCtx;
 
 /// The upgrade request may be at most 4 KiB (PROTOCOLS.md).
 pub const MAX_REQUEST: usize = 4096;
-/// Ciphertext read per call during the handshake and the pump.
+/// Ciphertext read per call while reading the request: the request and a few records after.
+const REQUEST_READ: usize = 8 * 1024;
+/// Ciphertext read per call in a forward's splice, and the most a pump reads at once.
 pub const CIPHER_READ: usize = 64 * 1024;
 
-/// An accepted socket with its TLS session and whatever plaintext was read past the request.
+/// An accepted socket with its TLS session (past its handshake) and whatever plaintext was
+/// read past the request.
 pub struct Conn {
     /// The socket.
     pub stream: TcpStream,
     /// The TLS session: the peer's (unless the relay serves plaintext), or for a connection
-    /// that arrived over the mesh, the mesh link's.
-    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// that arrived over the mesh, the mesh link's. Ciphertext read past the last whole record
+    /// travels in it.
+    pub tls: Option<Box<ServerSession>>,
     /// Plaintext already read and not yet consumed (bytes after the upgrade request).
     pub buffered: BytesMut,
     /// The peer's address.
@@ -186,7 +191,7 @@ struct Request {
 }
 
 /// Reads more plaintext into `conn.buffered`; Ok(false) at end of stream.
-pub async fn read_more(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> std::io::Result<bool> {
+pub async fn read_more(conn: &mut Conn) -> std::io::Result<bool> {
     match conn.tls.as_mut() {
         None => {
             conn.buffered.reserve(4096);
@@ -201,30 +206,38 @@ pub async fn read_more(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> std::io
             Ok(res? > 0)
         }
         Some(tls) => {
-            let buf = cipher
-                .take()
-                .unwrap_or_else(|| Vec::with_capacity(CIPHER_READ));
-            let (res, buf) = conn.stream.read(buf).await;
+            let mut cipher = std::mem::take(&mut tls.incoming);
+            cipher.reserve(REQUEST_READ);
+            let len = cipher.len();
+            let cap = cipher.capacity();
+            let (res, slice) = conn
+                .stream
+                .read(monoio::buf::IoBufMut::slice_mut(cipher, len..cap))
+                .await;
+            let mut cipher = slice.into_inner();
             let n = res?;
-            if n == 0 {
-                *cipher = Some(buf);
-                return Ok(false);
-            }
-            let (wants_write, open) = super::tls::absorb(tls, &buf[..n], &mut conn.buffered)?;
-            *cipher = Some(buf);
-            if wants_write {
+            let opened = tls.open_in_place(&mut cipher, 0);
+            let plain = *opened.as_ref().unwrap_or(&0);
+            conn.buffered.extend_from_slice(&cipher[..plain]);
+            let _ = cipher.split_to(plain);
+            tls.incoming = cipher;
+            let closed = tls.peer_closed();
+            if tls.wants_write() {
+                // A key update to answer, or the alert for what failed.
                 flush_tls(conn).await?;
             }
-            Ok(open || !conn.buffered.is_empty())
+            opened?;
+            // Progress: more ciphertext, and the stream still open or more plaintext.
+            Ok(n > 0 && (!closed || plain > 0))
         }
     }
 }
 
-/// Writes whatever the TLS session has pending (handshake records, alerts).
+/// Writes whatever the TLS session has pending (key updates, alerts).
 pub(super) async fn flush_tls(conn: &mut Conn) -> std::io::Result<()> {
     if let Some(tls) = conn.tls.as_mut() {
         let mut out = Vec::new();
-        super::tls::seal(tls, &[], &mut out)?;
+        tls.flush(&mut out);
         if !out.is_empty() {
             let (res, _) = conn.stream.write_all(out).await;
             res?;
@@ -237,8 +250,8 @@ pub(super) async fn flush_tls(conn: &mut Conn) -> std::io::Result<()> {
 pub async fn write_plain(conn: &mut Conn, plain: &[u8]) -> std::io::Result<()> {
     let out = match conn.tls.as_mut() {
         Some(tls) => {
-            let mut out = Vec::with_capacity(plain.len() + 64);
-            super::tls::seal(tls, plain, &mut out)?;
+            let mut out = Vec::new();
+            tls.seal(plain, &mut out)?;
             out
         }
         None => plain.to_vec(),
@@ -247,27 +260,13 @@ pub async fn write_plain(conn: &mut Conn, plain: &[u8]) -> std::io::Result<()> {
     res.map(drop)
 }
 
-/// Runs the TLS handshake to its end (a no-op in plaintext mode, or once done); plaintext that
-/// arrived with the peer's last flight stays in `conn.buffered`.
-pub async fn handshake(conn: &mut Conn, cipher: &mut Option<Vec<u8>>) -> std::io::Result<()> {
-    while conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
-        flush_tls(conn).await?;
-        if !read_more(conn, cipher).await? {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    flush_tls(conn).await
-}
-
-/// Runs the TLS handshake and reads the upgrade request; answers 101 or a refusal, or (for a
+/// Reads the upgrade request (past the TLS handshake); answers 101 or a refusal, or (for a
 /// tunnel owned by another node, arrived directly) answers nothing and says where to forward.
 pub async fn accept(
     conn: &mut Conn,
     ctx: &ShardCtx,
     arrival: Arrival,
 ) -> Result<Accepted, Option<Refusal>> {
-    let mut cipher = None;
-    handshake(conn, &mut cipher).await.map_err(|_| None)?;
     let head_len = loop {
         if let Some(end) = find_head_end(&conn.buffered) {
             break end;
@@ -275,7 +274,7 @@ pub async fn accept(
         if conn.buffered.len() > MAX_REQUEST {
             return refuse(conn, Refusal::MalformedRequest).await;
         }
-        match read_more(conn, &mut cipher).await {
+        match read_more(conn).await {
             Ok(true) => {}
             _ => return Err(None),
         }
@@ -340,8 +339,9 @@ pub async fn refuse<T>(conn: &mut Conn, refusal: Refusal) -> Result<T, Option<Re
     tracing::info!(peer = %conn.peer, %request_id, code, "relay upgrade refused");
     let _ = write_plain(conn, resp.as_bytes()).await;
     if let Some(tls) = conn.tls.as_mut() {
-        tls.send_close_notify();
-        let _ = flush_tls(conn).await;
+        let mut out = Vec::new();
+        tls.close(&mut out);
+        let _ = conn.stream.write_all(out).await;
     }
     Err(Some(refusal))
 }

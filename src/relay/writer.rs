@@ -1,5 +1,5 @@
 //! A peer's writer: drains its control queue first, then forwarded frames, writes everything
-//! queued at once (one TLS seal and one write per batch), and records forwarding latency.
+//! queued at once (one TLS seal, straight into the write buffer, and one write per batch), and records forwarding latency.
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -11,20 +11,21 @@ use super::pump::{Ctl, Peer, Tls};
 use super::{sys, ShardCtx};
 use crate::proto::ws::{self, close_code};
 
-/// Encrypts `frames` (and a close_notify when `closing`) into `out`.
+/// Encrypts `frames` (after the records the session has pending, and with a close_notify
+/// after them when `closing`) into `out`: each frame's one copy is into `out`. False when the
+/// session cannot send them (it failed: `out` holds its alert).
 fn seal_all(tls: &Tls, frames: &[Bytes], closing: bool, out: &mut Vec<u8>) -> bool {
     let mut session = tls.borrow_mut();
-    let mut ok = if frames.is_empty() {
-        // A flush alone: the records the session has pending (alerts, key updates).
-        super::tls::seal(&mut session, &[], out).is_ok()
-    } else {
-        frames
-            .iter()
-            .all(|f| super::tls::seal(&mut session, f, out).is_ok())
-    };
+    let plain: usize = frames.iter().map(Bytes::len).sum();
+    out.reserve(
+        plain
+            + (plain / super::tls::MAX_RECORD_PLAIN + frames.len() + 1)
+                * super::tls::RECORD_OVERHEAD,
+    );
+    session.flush(out);
+    let ok = frames.iter().all(|f| session.seal(f, out).is_ok());
     if closing {
-        session.send_close_notify();
-        ok &= super::tls::seal(&mut session, &[], out).is_ok();
+        session.close(out);
     }
     ok
 }
@@ -98,10 +99,11 @@ async fn write_frames(
             Some(tls) => {
                 sealed.clear();
                 let ok = seal_all(tls, &frames, closing, &mut sealed);
-                if ok && !sealed.is_empty() {
+                // Even when sealing failed: what it holds is the session's alert.
+                if !sealed.is_empty() {
                     let (res, buf) = write.write_all(std::mem::take(&mut sealed)).await;
                     sealed = buf;
-                    res.is_ok()
+                    ok && res.is_ok()
                 } else {
                     ok
                 }

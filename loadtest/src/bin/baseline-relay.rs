@@ -2,8 +2,10 @@
 //! `iotunnel-loadtest throughput --baseline ADDR` measures iotunnel's relay against (issue 3,
 //! "CPU per byte"; issue 6, "Baseline relay").
 //!
-//! tokio (multi-threaded runtime, default worker count) + tokio-tungstenite, plaintext ws, the
-//! AWS-family handshake (`/tunnel?local-proxy-mode=source|destination`, `access-token` header,
+//! tokio (multi-threaded runtime, default worker count) + tokio-tungstenite, plaintext ws (or
+//! wss through tokio-rustls with `--tls-cert`/`--tls-key`: the relay's own TLS configuration,
+//! ring, TLS 1.2 and 1.3, so `throughput --baseline ADDR --baseline-tls` compares wss like for
+//! like), the AWS-family handshake (`/tunnel?local-proxy-mode=source|destination`, `access-token` header,
 //! the offered `aws.iot.securetunneling-*` subprotocol echoed back). A `source` and a
 //! `destination` connection that present the same token are paired, and one task per direction
 //! forwards WebSocket messages as they come (`StreamExt::next` -> `SinkExt::send`). Pings are
@@ -11,40 +13,51 @@
 //! rules, no metrics: a floor for what any relay must spend per byte.
 //!
 //! ```text
-//! iotunnel-baseline-relay [--listen 127.0.0.1:18600]
+//! iotunnel-baseline-relay [--listen 127.0.0.1:18600] [--tls-cert FILE --tls-key FILE | --tls-dir DIR]
 //! ```
+//!
+//! `--tls-dir DIR` uses (generating what is missing, as `iotunnel server --data-dir DIR` does)
+//! `DIR/tls/server.pem` and `server.key`; peers trust `DIR/tls/ca.pem`.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-type Ws = WebSocketStream<TcpStream>;
-
 /// Connections waiting for their other side, by token: (is source, connection).
-type Waiting = Arc<Mutex<HashMap<String, (bool, Ws)>>>;
+type Waiting<S> = Arc<Mutex<HashMap<String, (bool, WebSocketStream<S>)>>>;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut listen: SocketAddr = "127.0.0.1:18600".parse()?;
+    let (mut cert, mut key) = (None, None);
     while let Some(a) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))
+        };
         match a.as_str() {
-            "--listen" => {
-                listen = args
-                    .next()
-                    .ok_or_else(|| anyhow::anyhow!("--listen needs an address"))?
-                    .parse()?
+            "--listen" => listen = value("--listen")?.parse()?,
+            "--tls-cert" => cert = Some(std::path::PathBuf::from(value("--tls-cert")?)),
+            "--tls-key" => key = Some(std::path::PathBuf::from(value("--tls-key")?)),
+            "--tls-dir" => {
+                let dir = std::path::PathBuf::from(value("--tls-dir")?);
+                let paths = iotunnel::tls::ensure_material(&dir, "127.0.0.1")?;
+                (cert, key) = (Some(paths.server_cert), Some(paths.server_key));
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: iotunnel-baseline-relay [--listen ADDR]  (default 127.0.0.1:18600)"
+                    "usage: iotunnel-baseline-relay [--listen ADDR] [--tls-cert FILE --tls-key FILE \
+                     | --tls-dir DIR]  (default 127.0.0.1:18600, plaintext ws)"
                 );
                 return Ok(());
             }
@@ -52,24 +65,59 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let listener = TcpListener::bind(listen).await?;
-    eprintln!(
-        "baseline relay listening on ws://{}",
-        listener.local_addr()?
-    );
-    let waiting: Waiting = Arc::default();
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let tls = TlsAcceptor::from(iotunnel::relay::tls::server_config(&cert, &key)?);
+            eprintln!(
+                "baseline relay listening on wss://{}",
+                listener.local_addr()?
+            );
+            run(listener, move |tcp| {
+                let tls = tls.clone();
+                async move { Ok(tls.accept(tcp).await?) }
+            })
+            .await
+        }
+        (None, None) => {
+            eprintln!(
+                "baseline relay listening on ws://{}",
+                listener.local_addr()?
+            );
+            run(listener, |tcp| async move { Ok(tcp) }).await
+        }
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    }
+}
+
+/// Accepts connections, `wrap`s each (TLS or not) and serves it.
+async fn run<S, F, W>(listener: TcpListener, wrap: W) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: std::future::Future<Output = anyhow::Result<S>> + Send + 'static,
+    W: Fn(TcpStream) -> F,
+{
+    let waiting: Waiting<S> = Arc::default();
     loop {
         let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
         let waiting = waiting.clone();
+        let stream = wrap(tcp);
         tokio::spawn(async move {
-            if let Err(e) = serve(tcp, waiting).await {
+            let served = match stream.await {
+                Ok(stream) => serve(stream, waiting).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
                 eprintln!("connection failed: {e}");
             }
         });
     }
 }
 
-async fn serve(tcp: TcpStream, waiting: Waiting) -> anyhow::Result<()> {
-    tcp.set_nodelay(true)?;
+async fn serve<S>(stream: S, waiting: Waiting<S>) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut who: Option<(bool, String)> = None;
     // The error type is tungstenite's.
     #[allow(clippy::result_large_err)]
@@ -116,7 +164,8 @@ async fn serve(tcp: TcpStream, waiting: Waiting) -> anyhow::Result<()> {
         Ok(resp)
     };
     let config = WebSocketConfig::default().max_frame_size(Some(131_076));
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await?;
+    let ws =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
     let (source, token) = who.expect("set by the accepted handshake");
     let other = {
         let mut w = waiting.lock().unwrap();
@@ -135,17 +184,22 @@ async fn serve(tcp: TcpStream, waiting: Waiting) -> anyhow::Result<()> {
 }
 
 /// One task per direction: messages from one side are sent to the other as they come.
-fn pair(a: Ws, b: Ws) {
+fn pair<S>(a: WebSocketStream<S>, b: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (a_tx, a_rx) = a.split();
     let (b_tx, b_rx) = b.split();
     tokio::spawn(forward(a_rx, b_tx));
     tokio::spawn(forward(b_rx, a_tx));
 }
 
-async fn forward(
-    mut from: futures_util::stream::SplitStream<Ws>,
-    mut to: futures_util::stream::SplitSink<Ws, Message>,
-) {
+async fn forward<S>(
+    mut from: futures_util::stream::SplitStream<WebSocketStream<S>>,
+    mut to: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     while let Some(msg) = from.next().await {
         match msg {
             Ok(m @ (Message::Binary(_) | Message::Text(_))) => {
