@@ -241,3 +241,85 @@ mod tests {
         assert!(none.is_empty());
     }
 }
+
+/// Kernel events the relay's threads cause, counted by `perf stat` over the measured window:
+/// what makes a GiB cost more as tunnels per shard grow (issue 12, item 4).
+pub const KERNEL_EVENTS: [(&str, &str); 4] = [
+    ("syscalls", "raw_syscalls:sys_enter"),
+    ("uring_submissions", "io_uring:io_uring_submit_req"),
+    ("uring_completions", "io_uring:io_uring_complete"),
+    ("context_switches", "context-switches"),
+];
+
+/// A running `perf stat` attached to a process.
+pub struct KernelEventCounter {
+    child: std::process::Child,
+}
+
+impl KernelEventCounter {
+    /// Starts counting [`KERNEL_EVENTS`] of `pid`'s threads (needs `perf` and tracepoint
+    /// access, which root has).
+    pub fn start(pid: u32) -> anyhow::Result<Self> {
+        let events: Vec<&str> = KERNEL_EVENTS.iter().map(|(_, e)| *e).collect();
+        let child = std::process::Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                &events.join(","),
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot run perf (needed for --kernel-events): {e}"))?;
+        Ok(Self { child })
+    }
+
+    /// Stops counting; returns each event's count by its short name.
+    pub fn stop(self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: kill(2) with a child's pid and SIGINT reads only its integer arguments.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let out = self.child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let counts = parse_perf_csv(&text);
+        if counts.len() != KERNEL_EVENTS.len() {
+            anyhow::bail!(
+                "perf stat counted {} of {} events: {text}",
+                counts.len(),
+                KERNEL_EVENTS.len()
+            );
+        }
+        Ok(counts)
+    }
+}
+
+/// Reads `count,unit,event,...` lines of `perf stat -x ,` into short names and counts.
+fn parse_perf_csv(text: &str) -> std::collections::BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split(',');
+            let count = f.next()?.trim().parse().ok()?;
+            let event = f.nth(1)?.trim();
+            let (name, _) = KERNEL_EVENTS.iter().find(|(_, e)| *e == event)?;
+            Some((name.to_string(), count))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod kernel_event_tests {
+    #[test]
+    fn perf_csv_lines_parse() {
+        let text = "1234,,raw_syscalls:sys_enter,5000,100.00,,\n\
+                    <not counted>,,io_uring:io_uring_submit_req,0,0.00,,\n\
+                    56,,context-switches,5000,100.00,,\n";
+        let got = super::parse_perf_csv(text);
+        assert_eq!(got.get("syscalls"), Some(&1234));
+        assert_eq!(got.get("context_switches"), Some(&56));
+        assert_eq!(got.len(), 2, "an uncounted event is left out: {got:?}");
+    }
+}

@@ -58,6 +58,10 @@ pub struct ThroughputArgs {
     /// most one Alibaba frame holds).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=129_024))]
     size: Option<u32>,
+    /// With --relay-pid: count the relay's syscalls, io_uring submissions and completions and
+    /// context switches over the window with `perf stat`, reported per GiB.
+    #[arg(long, requires = "relay_pid")]
+    kernel_events: bool,
 }
 
 /// Parses a warm-up: a duration, or `0` for none.
@@ -216,6 +220,10 @@ async fn measure(args: &ThroughputArgs, size: usize) -> anyhow::Result<Throughpu
     tokio::time::sleep(args.warmup).await;
     let relay_pid = args.peers.relay_pid.map(|p| p.to_string());
     let relay0 = relay_pid.as_deref().and_then(cpu_ticks);
+    let kernel_events = match (args.kernel_events, args.peers.relay_pid) {
+        (true, Some(pid)) => Some(crate::sys::KernelEventCounter::start(pid)?),
+        _ => None,
+    };
     let self0 = cpu_ticks("self");
     let machine0 = machine_ticks();
     let ksoftirqd0 = ksoftirqd_ticks();
@@ -252,6 +260,7 @@ async fn measure(args: &ThroughputArgs, size: usize) -> anyhow::Result<Throughpu
     let snap1 = snapshot(&counters);
     let seconds = t0.elapsed().as_secs_f64();
     let relay1 = relay_pid.as_deref().and_then(cpu_ticks);
+    let kernel_events = kernel_events.map(|k| k.stop()).transpose()?;
     let self1 = cpu_ticks("self");
     let machine1 = machine_ticks();
     let ksoftirqd1 = ksoftirqd_ticks();
@@ -288,7 +297,24 @@ async fn measure(args: &ThroughputArgs, size: usize) -> anyhow::Result<Throughpu
         (Some(pid), Some(a), Some(b)) => {
             let user = (b.0 - a.0) as f64 / clk;
             let system = (b.1 - a.1) as f64 / clk;
-            Some(RelayCpu::new(pid, user, system, seconds, bytes))
+            let mut cpu = RelayCpu::new(pid, user, system, seconds, bytes);
+            cpu.kernel_events_per_gib = kernel_events.map(|counts| {
+                let gib = bytes as f64 / (1u64 << 30) as f64;
+                counts
+                    .into_iter()
+                    .map(|(name, n)| {
+                        (
+                            name,
+                            if gib > 0.0 {
+                                round1(n as f64 / gib)
+                            } else {
+                                0.0
+                            },
+                        )
+                    })
+                    .collect()
+            });
+            Some(cpu)
         }
         (Some(pid), _, _) => {
             errors
@@ -499,6 +525,10 @@ struct RelayCpu {
     /// CPU seconds per second of the window (1.0 = one core busy).
     cores_busy: f64,
     cpu_seconds_per_gib: f64,
+    /// With --kernel-events: the relay's syscalls, io_uring submissions and completions, and
+    /// context switches per GiB of payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kernel_events_per_gib: Option<BTreeMap<String, f64>>,
 }
 
 impl RelayCpu {
@@ -512,6 +542,7 @@ impl RelayCpu {
             system_seconds: round3(system),
             cores_busy: round3(cpu / seconds),
             cpu_seconds_per_gib: if gib > 0.0 { round3(cpu / gib) } else { 0.0 },
+            kernel_events_per_gib: None,
         }
     }
 }
