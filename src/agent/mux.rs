@@ -502,18 +502,27 @@ pub enum LocalRead {
 }
 
 impl LocalRead {
-    /// Reads up to [`MAX_DATA`] bytes into a fresh [`DataBuf`]; `None` at the end.
+    /// Reads up to [`MAX_DATA`] bytes into a fresh [`DataBuf`]; `None` at the end. A socket's
+    /// buffer is allocated only once the socket is readable, so a waiting connection holds
+    /// none. (After a short read the socket is tried again rather than taken as drained: at
+    /// high rates more has often arrived, and waiting for the next edge measured slower.)
     async fn read_data(&mut self, service: &str) -> std::io::Result<Option<DataBuf>> {
-        let mut data = DataBuf::new(service);
-        let n = match self {
+        let (n, data) = match self {
             Self::Tcp(read) => loop {
                 read.readable().await?;
-                match read.try_read_buf(&mut data.spare()) {
+                let mut data = DataBuf::new(service);
+                let read = read.try_read_buf(&mut data.spare());
+                match read {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    other => break other?,
+                    Ok(n) => break (n, data),
+                    Err(e) => return Err(e),
                 }
             },
-            Self::Stream(read) => read.read_buf(&mut data.spare()).await?,
+            Self::Stream(read) => {
+                let mut data = DataBuf::new(service);
+                let n = read.read_buf(&mut data.spare()).await?;
+                (n, data)
+            }
         };
         Ok((n > 0).then_some(data))
     }
