@@ -597,40 +597,31 @@ impl Shard {
                 return Stop::quiet("peer_gone");
             }
             // Read more.
-            let want = need.unwrap_or(expect.max(MIN_READ));
+            let mut want = need.unwrap_or(expect.max(MIN_READ));
+            if tls.is_some() {
+                // The ciphertext of `want` plaintext bytes, in records of up to 16 KiB, and
+                // within a frame, of the rest of the record holding its end, less what is
+                // buffered: so the partial frame still moves at most once.
+                let records = want.div_ceil(super::tls::MAX_RECORD_PLAIN) * RECORD_OVERHEAD;
+                let last = match need {
+                    Some(_) => super::tls::MAX_RECORD.saturating_sub(buf.len() - plain),
+                    None => 0,
+                };
+                want += records + last;
+            }
+            room_for(&mut buf, want);
+            let len = buf.len();
+            let (res, slice) = read
+                .read(monoio::buf::IoBufMut::slice_mut(buf, len..len + want))
+                .await;
+            buf = slice.into_inner();
+            let n = match res {
+                Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
+                Ok(n) => n,
+            };
             match &tls {
-                None => {
-                    room_for(&mut buf, want);
-                    let len = buf.len();
-                    let (res, slice) = read
-                        .read(monoio::buf::IoBufMut::slice_mut(buf, len..len + want))
-                        .await;
-                    buf = slice.into_inner();
-                    match res {
-                        Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
-                        Ok(n) => plain += n,
-                    }
-                }
+                None => plain += n,
                 Some(tls) => {
-                    // The ciphertext of `want` plaintext bytes, in records of up to 16 KiB,
-                    // and within a frame, of the rest of the record holding its end, less
-                    // what is buffered: so the partial frame still moves at most once.
-                    let records = want.div_ceil(super::tls::MAX_RECORD_PLAIN) * RECORD_OVERHEAD;
-                    let last = match need {
-                        Some(_) => super::tls::MAX_RECORD.saturating_sub(buf.len() - plain),
-                        None => 0,
-                    };
-                    let want = want + records + last;
-                    room_for(&mut buf, want);
-                    let len = buf.len();
-                    let (res, slice) = read
-                        .read(monoio::buf::IoBufMut::slice_mut(buf, len..len + want))
-                        .await;
-                    buf = slice.into_inner();
-                    match res {
-                        Ok(0) | Err(_) => return Stop::quiet("peer_gone"),
-                        Ok(_) => {}
-                    }
                     let mut session = tls.borrow_mut();
                     // On an error the session holds its alert; the writer sends it.
                     let Ok(opened) = session.open_in_place(&mut buf, plain) else {
