@@ -156,20 +156,20 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Decodes the messages in one frame's payload; a message may span frames.
     fn absorb(&mut self, mut payload: Bytes) -> Result<(), ReadError> {
         while !self.partial.is_empty() && payload.has_remaining() {
-            let want = match whole_len(&self.partial) {
+            let want = match aws::framed_len(&self.partial) {
                 Some(total) => total - self.partial.len(),
                 None => aws::LENGTH_PREFIX - self.partial.len(),
             };
             let take = want.min(payload.len());
             self.partial.extend_from_slice(&payload[..take]);
             payload.advance(take);
-            if whole_len(&self.partial) == Some(self.partial.len()) {
+            if aws::framed_len(&self.partial) == Some(self.partial.len()) {
                 let whole = self.partial.split().freeze();
                 self.ready.push_back(decode(whole)?);
             }
         }
         while payload.has_remaining() {
-            match whole_len(&payload) {
+            match aws::framed_len(&payload) {
                 Some(total) if payload.len() >= total => {
                     let whole = payload.split_to(total);
                     self.ready.push_back(decode(whole)?);
@@ -194,24 +194,10 @@ enum Parsed {
     Short(usize),
 }
 
-/// The length of the message starting `buf`, prefix included, once the prefix is there.
-fn whole_len(buf: &[u8]) -> Option<usize> {
-    match buf {
-        [high, low, ..] => {
-            Some(aws::LENGTH_PREFIX + usize::from(u16::from_be_bytes([*high, *low])))
-        }
-        _ => None,
-    }
-}
-
 /// Decodes one `[u16 length][Message]`; the payload stays a slice of `whole`.
 fn decode(mut whole: Bytes) -> Result<Message, aws::StreamError> {
     whole.advance(aws::LENGTH_PREFIX);
-    let message = Message::decode(whole)?;
-    if message.payload.len() > aws::MAX_PAYLOAD {
-        return Err(aws::StreamError::PayloadTooLarge(message.payload.len()));
-    }
-    Ok(message)
+    aws::decode_body(whole)
 }
 
 /// A buffer a DATA payload is read into, with room in front for the rest of its frame.

@@ -675,18 +675,32 @@ pub fn server_frame(message: &Message) -> Result<Vec<u8>, StreamError> {
 /// Decodes the first `[u16 length][message]` of `buf`; `Ok(None)` means more bytes are needed,
 /// otherwise returns the message and the bytes it used.
 pub fn decode_message(buf: &[u8]) -> Result<Option<(Message, usize)>, StreamError> {
-    let Some(&[high, low]) = buf.get(..LENGTH_PREFIX) else {
+    let Some(end) = framed_len(buf) else {
         return Ok(None);
     };
-    let end = LENGTH_PREFIX + usize::from(u16::from_be_bytes([high, low]));
     let Some(body) = buf.get(LENGTH_PREFIX..end) else {
         return Ok(None);
     };
+    Ok(Some((decode_body(body)?, end)))
+}
+
+/// The length of the `[u16 length][message]` starting `buf`, prefix included, once the prefix
+/// is there.
+pub fn framed_len(buf: &[u8]) -> Option<usize> {
+    match buf {
+        [high, low, ..] => Some(LENGTH_PREFIX + usize::from(u16::from_be_bytes([*high, *low]))),
+        _ => None,
+    }
+}
+
+/// Decodes a message's body (what follows its length prefix) and checks the payload limit;
+/// from [`bytes::Bytes`] the payload is a slice of the input, not a copy.
+pub fn decode_body(body: impl bytes::Buf) -> Result<Message, StreamError> {
     let message = Message::decode(body)?;
     if message.payload.len() > MAX_PAYLOAD {
         return Err(StreamError::PayloadTooLarge(message.payload.len()));
     }
-    Ok(Some((message, end)))
+    Ok(message)
 }
 
 /// SERVICE_IDS listing the tunnel's services; the relay sends it right after the upgrade.
