@@ -570,4 +570,109 @@ mod tests {
         assert!(!refused(429).is_final());
         assert!(!refused(503).is_final());
     }
+
+    /// A relay on loopback that reads the upgrade request and answers with `answer(key)`,
+    /// where `key` is the request's Sec-WebSocket-Key; then it holds the connection.
+    async fn fake_relay(answer: fn(&str) -> Vec<u8>) -> Endpoint {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0];
+                if tcp.read_exact(&mut byte).await.is_err() {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap_or_default()
+                .to_string();
+            let _ = tcp.write_all(&answer(&key)).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        Endpoint::parse(&format!("ws://127.0.0.1:{port}")).unwrap()
+    }
+
+    async fn dial_fake(answer: fn(&str) -> Vec<u8>) -> Result<Connected, DialError> {
+        let endpoint = fake_relay(answer).await;
+        let tls = tls_config(None).unwrap();
+        dial(&endpoint, Side::Source, &Secret("token-123".into()), &tls).await
+    }
+
+    fn switching(accept: &str, protocol: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn the_upgrade_checks_what_the_relay_answers() {
+        // A good answer with SERVICE_IDS right behind it, in the same segment.
+        let connected = dial_fake(|key| {
+            let mut out = switching(&ws::accept_key(key), SUBPROTOCOL);
+            out.extend(
+                crate::proto::aws::server_frame(&crate::proto::aws::service_ids_message(&["SSH"]))
+                    .unwrap(),
+            );
+            out
+        })
+        .await
+        .expect("a good answer connects");
+        assert_eq!(connected.services, ["SSH"]);
+
+        let refused = |r: Result<Connected, DialError>| match r {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a bad answer was accepted"),
+        };
+        let wrong_accept =
+            refused(dial_fake(|_| switching("AAAAAAAAAAAAAAAAAAAAAAAAAAAA=", SUBPROTOCOL)).await);
+        assert!(
+            wrong_accept.contains("Sec-WebSocket-Accept"),
+            "{wrong_accept}"
+        );
+        let wrong_protocol = refused(
+            dial_fake(|key| switching(&ws::accept_key(key), "aws.iot.securetunneling-1.0")).await,
+        );
+        assert!(wrong_protocol.contains("subprotocol"), "{wrong_protocol}");
+        let endless = refused(
+            dial_fake(|_| {
+                let mut out = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+                // One header line that never ends (too many headers fail on their own).
+                out.extend(b"X-Filler: ");
+                out.extend([b'a'; 20_000]);
+                out
+            })
+            .await,
+        );
+        assert!(endless.contains("too long"), "{endless}");
+        let garbage = refused(dial_fake(|_| b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()).await);
+        assert!(garbage.contains("malformed"), "{garbage}");
+        let refusal = dial_fake(|_| {
+            let body = r#"{"error":{"code":"unknown_token","message":"no such token"}}"#;
+            format!(
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        })
+        .await;
+        match refusal {
+            Err(e @ DialError::Refused { status: 401, .. }) => {
+                assert!(e.is_final());
+                assert!(
+                    e.to_string().contains("no such token (unknown_token"),
+                    "{e}"
+                );
+            }
+            Err(e) => panic!("expected a refusal, got {e}"),
+            Ok(_) => panic!("a 401 connected"),
+        }
+    }
 }
