@@ -101,3 +101,8 @@ mod tests {
         assert!(!hashes_equal(&hash_secret("a"), &hash_secret("b")));
     }
 }
+
+/// An API key's public id: 64 random bits, enough to never collide among one fleet's keys.
+pub fn new_key_id() -> String {
+    format!("key_{}", hex::encode(random_bytes::<8>()))
+}
