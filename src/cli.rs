@@ -574,6 +574,7 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                 &[
                     ("DEVICE", "/device_name"),
                     ("ONLINE", "/online"),
+                    ("OPEN TUNNELS", "/open_tunnels"),
                     ("CREATED", "/created_at"),
                 ],
             );
