@@ -79,15 +79,18 @@ impl ControlPlane {
             .get(&hash)
             .filter(|k| fresh(k))
             .map(|k| k.clone());
-        let mut key = match cached {
-            Some(k) => k,
+        let (mut key, mut changed) = match cached {
+            Some(k) => (k, false),
             None => match self.store.account_by_key(hash).await? {
-                Some((account, key)) => CachedKey {
-                    account,
-                    used_written_at: key.last_used_at.unwrap_or(Millis::MIN),
-                    key_id: key.id,
-                    checked_at: now,
-                },
+                Some((account, key)) => {
+                    let key = CachedKey {
+                        account,
+                        used_written_at: key.last_used_at.unwrap_or(Millis::MIN),
+                        key_id: key.id,
+                        checked_at: now,
+                    };
+                    (key, true)
+                }
                 None => {
                     self.keys.0.remove(&hash);
                     return Err(ApiError::unauthorized("invalid API key"));
@@ -96,6 +99,7 @@ impl ControlPlane {
         };
         if now.saturating_sub(key.used_written_at) >= LAST_USED_WRITE_MS {
             key.used_written_at = now;
+            changed = true;
             // Awaited, so a list right after shows the use; this happens once a minute per
             // key, and a failure only delays the record.
             if let Err(e) = self.store.touch_api_key(key.key_id.clone(), now).await {
@@ -106,7 +110,9 @@ impl ControlPlane {
             account: key.account.clone(),
             key_id: key.key_id.clone(),
         };
-        self.keys.0.insert(hash, key);
+        if changed {
+            self.keys.0.insert(hash, key);
+        }
         Ok(caller)
     }
 
