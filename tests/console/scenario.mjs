@@ -303,6 +303,10 @@ async function scenario() {
   await c.shot('20-mobile-products', { fullPage: true });
   // The device command wraps between words at 390 px, never inside a flag.
   await page.click('nav a[data-page="devices"]');
+  await c.text('#device-rows tr[data-device="cam-1"] [data-label="Open tunnels"]', `${all.length} open`,
+    'the open tunnels at 390 px');
+  c.ok(await page.evaluate(() => document.documentElement.scrollWidth <= 390), 'no horizontal scroll on Devices');
+  await c.shot('20a-mobile-devices', { fullPage: true });
   await page.fill('#device-name', 'cam-2');
   await page.click('#device-form button[type="submit"]');
   await c.visible('#dlg-secret');
