@@ -5,6 +5,7 @@
 //! asked again, so a revoke reaches every node of a fleet within that time even if its bus
 //! message is lost; normally the revoking node forgets the key at once and the others as soon
 //! as the bus tells them.
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, State};
@@ -44,17 +45,23 @@ struct CachedKey {
 
 /// API key hash -> the key's account, filled on use and expired after [`KEY_CACHE_TTL_MS`].
 #[derive(Debug, Default)]
-pub struct KeyCache(DashMap<SecretHash, CachedKey>);
+pub struct KeyCache {
+    keys: DashMap<SecretHash, CachedKey>,
+    /// Counts forgets: a key read from the store before a revoke is not cached after it.
+    forgets: AtomicU64,
+}
 
 impl KeyCache {
     /// Forgets a key (revoked here or on another node).
     pub fn forget(&self, key_id: &str) {
-        self.0.retain(|_, k| k.key_id != key_id);
+        self.forgets.fetch_add(1, Ordering::SeqCst);
+        self.keys.retain(|_, k| k.key_id != key_id);
     }
 
     /// Forgets every key (after a gap in the fleet bus: revokes may have been missed).
     pub fn clear(&self) {
-        self.0.clear();
+        self.forgets.fetch_add(1, Ordering::SeqCst);
+        self.keys.clear();
     }
 }
 
@@ -73,9 +80,10 @@ impl ControlPlane {
         let hash = token::hash_secret(api_key);
         let now = self.clock.now_ms();
         let fresh = |k: &CachedKey| (0..KEY_CACHE_TTL_MS).contains(&(now - k.checked_at));
+        let forgets = self.keys.forgets.load(Ordering::SeqCst);
         let cached = self
             .keys
-            .0
+            .keys
             .get(&hash)
             .filter(|k| fresh(k))
             .map(|k| k.clone());
@@ -92,7 +100,7 @@ impl ControlPlane {
                     (key, true)
                 }
                 None => {
-                    self.keys.0.remove(&hash);
+                    self.keys.keys.remove(&hash);
                     return Err(ApiError::unauthorized("invalid API key"));
                 }
             },
@@ -111,7 +119,12 @@ impl ControlPlane {
             key_id: key.key_id.clone(),
         };
         if changed {
-            self.keys.0.insert(hash, key);
+            self.keys.keys.insert(hash, key);
+            // A forget since the store was read may have missed this entry (it came after):
+            // drop it. One after this check sees the entry and drops it itself.
+            if self.keys.forgets.load(Ordering::SeqCst) != forgets {
+                self.keys.keys.remove(&hash);
+            }
         }
         Ok(caller)
     }
