@@ -6,6 +6,8 @@ use serde_json::{json, Value};
 
 use crate::config::{ServerArgs, Settings};
 
+pub mod keys;
+
 /// iotunnel: secure tunnels to IoT devices that never open a port.
 #[derive(Parser, Debug)]
 #[command(name = "iotunnel", version, about)]
@@ -23,6 +25,9 @@ pub enum Command {
     /// Manage accounts (admin key only).
     #[command(subcommand)]
     Account(AccountCmd),
+    /// List, create and revoke API keys.
+    #[command(subcommand)]
+    Key(keys::KeyCmd),
     /// Manage products.
     #[command(subcommand)]
     Product(ProductCmd),
@@ -569,6 +574,7 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                 &[
                     ("DEVICE", "/device_name"),
                     ("ONLINE", "/online"),
+                    ("OPEN TUNNELS", "/open_tunnels"),
                     ("CREATED", "/created_at"),
                 ],
             );
@@ -590,6 +596,7 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Tunnel(cmd) => tunnel_command(cmd).await?,
+        Command::Key(cmd) => keys::run(cmd).await?,
     }
     Ok(())
 }

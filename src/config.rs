@@ -211,6 +211,11 @@ pub struct Knobs {
     /// A node without a heartbeat for this long is dead, ms [default: 5000].
     #[arg(long, env = "IOTUNNEL_NODE_DEAD_AFTER_MS")]
     pub node_dead_after_ms: Option<u64>,
+    /// Keep the API keys earlier starts took from IOTUNNEL_ADMIN_KEY valid [default: a start
+    /// with an IOTUNNEL_ADMIN_KEY revokes them].
+    #[arg(long, env = "IOTUNNEL_KEEP_PREVIOUS_ADMIN_KEYS", num_args = 0..=1,
+        default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub keep_previous_admin_keys: Option<bool>,
 }
 
 /// Parses a secret flag value.
@@ -260,7 +265,8 @@ impl Knobs {
             mesh_addr,
             public_mesh_addr,
             heartbeat_interval_ms,
-            node_dead_after_ms
+            node_dead_after_ms,
+            keep_previous_admin_keys
         )
     }
 }
@@ -530,6 +536,9 @@ pub struct Settings {
     pub heartbeat_interval_ms: u64,
     /// Silence after which a node is dead, ms.
     pub node_dead_after_ms: u64,
+    /// Keep the keys earlier starts took from `IOTUNNEL_ADMIN_KEY` (else a start with one
+    /// revokes them).
+    pub keep_previous_admin_keys: bool,
 }
 
 impl Settings {
@@ -646,6 +655,7 @@ impl Settings {
                 .heartbeat_interval_ms
                 .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS),
             node_dead_after_ms: k.node_dead_after_ms.unwrap_or(DEFAULT_NODE_DEAD_AFTER_MS),
+            keep_previous_admin_keys: k.keep_previous_admin_keys.unwrap_or(false),
         };
         settings.validate()?;
         Ok(settings)

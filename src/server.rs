@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -16,7 +16,7 @@ use crate::control::{api, lifecycle, mqtt, ControlPlane};
 use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, TunnelIndex};
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{NodeRecord, Store, StoreError};
+use crate::store::{KeyOrigin, NewApiKey, NodeRecord, Store, StoreError};
 use crate::{tls, token};
 
 /// Connection events buffered between the data plane and the persister; beyond this the relay
@@ -158,51 +158,87 @@ fn load_token_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
     Ok(key)
 }
 
-/// Ensures the admin account exists and `IOTUNNEL_ADMIN_KEY` (if set) is one of its keys.
-/// Returns the generated key when this start created the account without one.
+/// The admin account's id, the same on every node of a fleet.
+const ADMIN_ACCOUNT: &str = "acc_admin";
+
+/// Ensures the admin account exists and `IOTUNNEL_ADMIN_KEY` (if set) is one of its keys; unless
+/// `keep_previous_admin_keys`, the keys earlier starts took from `IOTUNNEL_ADMIN_KEY` are then
+/// revoked. Returns the generated key when this start created the account without one.
 async fn ensure_admin(
     store: &dyn Store,
     settings: &Settings,
     now: i64,
 ) -> anyhow::Result<Option<String>> {
     let given = settings.admin_key.as_ref().map(|k| k.0.clone());
-    match store.admin_account().await? {
-        Some(admin) => {
-            if let Some(key) = &given {
-                store
-                    .add_api_key(admin.id, token::hash_secret(key), now)
-                    .await?;
-            }
-            Ok(None)
-        }
+    let key = given
+        .clone()
+        .unwrap_or_else(|| format!("itk_{}", token::random_secret()));
+    let new_key = NewApiKey {
+        id: token::new_key_id(),
+        account_id: ADMIN_ACCOUNT.into(),
+        name: if given.is_some() {
+            "IOTUNNEL_ADMIN_KEY".into()
+        } else {
+            "generated at first start".into()
+        },
+        origin: if given.is_some() {
+            KeyOrigin::Env
+        } else {
+            KeyOrigin::Generated
+        },
+        key_hash: token::hash_secret(&key),
+        created_at: now,
+    };
+    let admin = match store.admin_account().await? {
+        Some(admin) => admin,
         None => {
-            let key = given
-                .clone()
-                .unwrap_or_else(|| format!("itk_{}", token::random_secret()));
             let created = store
-                .create_account(
-                    "acc_admin".into(),
-                    "admin".into(),
-                    true,
-                    token::hash_secret(&key),
-                    now,
-                )
+                .create_account(ADMIN_ACCOUNT.into(), "admin".into(), true, new_key.clone())
                 .await;
             match created {
-                Ok(_) => Ok(if given.is_none() { Some(key) } else { None }),
-                // Another node of the fleet created it first: the given key joins it.
-                Err(StoreError::AlreadyExists) => {
-                    if let Some(key) = &given {
-                        store
-                            .add_api_key("acc_admin".into(), token::hash_secret(key), now)
-                            .await?;
-                    }
-                    Ok(None)
-                }
-                Err(e) => Err(e.into()),
+                Ok(_) if given.is_none() => return Ok(Some(key)),
+                Ok(admin) => admin,
+                // Another node of the fleet created it first: the given key joins it below.
+                Err(StoreError::AlreadyExists) => store
+                    .admin_account()
+                    .await?
+                    .context("the admin account exists but cannot be read")?,
+                Err(e) => return Err(e.into()),
             }
         }
+    };
+    if given.is_none() {
+        return Ok(None);
     }
+    let stored = store
+        .add_api_key(NewApiKey {
+            account_id: admin.id.clone(),
+            ..new_key
+        })
+        .await?;
+    if stored.account_id != admin.id {
+        bail!(
+            "IOTUNNEL_ADMIN_KEY is an API key of account {}, not of the admin",
+            stored.account_id
+        );
+    }
+    if let Some(at) = stored.revoked_at {
+        bail!(
+            "IOTUNNEL_ADMIN_KEY was revoked at {} (key {}): start with a new one",
+            crate::clock::rfc3339(at),
+            stored.id
+        );
+    }
+    if !settings.keep_previous_admin_keys {
+        let retired = store
+            .retire_api_keys(admin.id, KeyOrigin::Env, stored.id, now)
+            .await?;
+        for k in &retired {
+            tracing::info!(key_id = %k.id, "revoked the IOTUNNEL_ADMIN_KEY of an earlier start \
+                (--keep-previous-admin-keys keeps it)");
+        }
+    }
+    Ok(None)
 }
 
 async fn persist_events(

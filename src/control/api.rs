@@ -16,9 +16,9 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorEnvelope, REQUEST_ID};
 use super::views::*;
-use super::{device_channel, ControlPlane, TunnelSpec};
+use super::{device_channel, keys, ControlPlane, TunnelSpec};
 use crate::config::MIN_LIFETIME_SECONDS;
-use crate::store::{Account, Device, Product, TunnelFilter, TunnelState};
+use crate::store::{Account, Device, KeyOrigin, NewApiKey, Product, TunnelFilter, TunnelState};
 use crate::token;
 
 /// Largest request body accepted (issue: 64 KiB, then 413).
@@ -53,16 +53,21 @@ impl FromRequestParts<Arc<ControlPlane>> for Caller {
         parts: &mut Parts,
         cp: &Arc<ControlPlane>,
     ) -> Result<Self, ApiError> {
-        let key = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
+        let key = bearer_key(parts)?;
         cp.authenticate(key).await.map(Caller)
     }
+}
+
+/// The API key of `Authorization: Bearer <api key>`.
+pub(super) fn bearer_key(parts: &Parts) -> Result<&str, ApiError> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))
 }
 
 #[derive(OpenApi)]
@@ -90,6 +95,8 @@ impl Modify for BearerAuth {
 pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -> Router {
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_account))
+        .routes(routes!(keys::list_keys, keys::create_key))
+        .routes(routes!(keys::revoke_key))
         .routes(routes!(create_product, list_products))
         .routes(routes!(create_device, list_devices))
         .routes(routes!(delete_device))
@@ -173,15 +180,17 @@ async fn create_account(
     let name = validate_display_name("name", &req.name)?;
     let api_key = format!("itk_{}", token::random_secret());
     let id = format!("acc_{}", token::random_alnum(16).to_lowercase());
+    let key = NewApiKey {
+        id: token::new_key_id(),
+        account_id: id.clone(),
+        name: "created with the account".into(),
+        origin: KeyOrigin::Account,
+        key_hash: token::hash_secret(&api_key),
+        created_at: cp.clock.now_ms(),
+    };
     let account = cp
         .store
-        .create_account(
-            id,
-            name,
-            false,
-            token::hash_secret(&api_key),
-            cp.clock.now_ms(),
-        )
+        .create_account(id, name, false, key)
         .await
         .map_err(|e| ApiError::from_store(e, "account"))?;
     tracing::info!(account_id = %account.id, "account created");
@@ -268,6 +277,7 @@ async fn create_device(
         name: req.name,
         secret: token::random_secret(),
         created_at: cp.clock.now_ms(),
+        open_tunnels: 0,
     };
     let d = cp.store.create_device(device).await.map_err(|e| match e {
         crate::store::StoreError::NotFound => ApiError::not_found("product"),

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use dashmap::DashMap;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -12,13 +11,14 @@ use crate::clock::{rfc3339, Clock};
 use crate::config::Settings;
 use crate::seam::{CloseReason, RelayCommand, Side, TunnelIndex};
 use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
-use crate::token::{self, SecretHash};
+use crate::token;
 
 pub mod api;
 pub mod console;
 pub mod device_channel;
 pub mod error;
 pub mod fleet;
+pub mod keys;
 pub mod lifecycle;
 pub mod mqtt;
 pub mod views;
@@ -86,8 +86,8 @@ pub struct ControlPlane {
     relay: mpsc::UnboundedSender<RelayCommand>,
     /// Key from which device tokens are derived; never leaves the process.
     token_key: [u8; 32],
-    /// API key hash -> account, filled on first use (keys are never revoked).
-    accounts_by_key: DashMap<SecretHash, Account>,
+    /// API keys in use, briefly trusted without asking the store.
+    keys: keys::KeyCache,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -117,7 +117,7 @@ impl ControlPlane {
             fleet,
             relay,
             token_key,
-            accounts_by_key: DashMap::new(),
+            keys: keys::KeyCache::default(),
         }
     }
 
@@ -225,17 +225,7 @@ impl ControlPlane {
 
     /// The account an API key belongs to.
     pub async fn authenticate(&self, api_key: &str) -> Result<Account, ApiError> {
-        let hash = token::hash_secret(api_key);
-        if let Some(a) = self.accounts_by_key.get(&hash) {
-            return Ok(a.clone());
-        }
-        match self.store.account_by_key(hash).await? {
-            Some(a) => {
-                self.accounts_by_key.insert(hash, a.clone());
-                Ok(a)
-            }
-            None => Err(ApiError::unauthorized("invalid API key")),
-        }
+        self.authenticate_key(api_key).await.map(|c| c.account)
     }
 
     /// The relay URL a side dials for a tunnel: its owner's relay (Alibaba-style path;

@@ -17,6 +17,7 @@ use crate::seam::ConnectionEventKind;
 mod calls;
 mod connect;
 mod fleet;
+mod keys;
 mod migrations;
 
 pub use connect::SslMode;
