@@ -205,6 +205,11 @@ pub struct Knobs {
     /// [default: --mesh-addr, with the public relay host for an unspecified IP].
     #[arg(long, env = "IOTUNNEL_PUBLIC_MESH_ADDR")]
     pub public_mesh_addr: Option<String>,
+    /// Key sealing access-key secrets in the database, 64 hex digits; every node of a fleet
+    /// needs the same one [default: one node: generated into {data-dir}/access-key.key; a
+    /// fleet: none, and access keys are refused].
+    #[arg(long, env = "IOTUNNEL_ACCESS_KEY_ENCRYPTION_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub access_key_encryption_key: Option<Secret>,
     /// Fleet heartbeat interval, ms [default: 1000].
     #[arg(long, env = "IOTUNNEL_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
@@ -260,7 +265,8 @@ impl Knobs {
             mesh_addr,
             public_mesh_addr,
             heartbeat_interval_ms,
-            node_dead_after_ms
+            node_dead_after_ms,
+            access_key_encryption_key
         )
     }
 }
@@ -435,15 +441,7 @@ impl MqttSettings {
         }
         let thing_template =
             thing_template.unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
-        let sample = thing_template
-            .replace("{product_key}", "p")
-            .replace("{device_name}", "d");
-        if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
-            bail!(
-                "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
-                 {{device_name}}, and no '/', '+' or '#'"
-            );
-        }
+        validate_thing_template(&thing_template)?;
         Ok(Some(Self {
             url,
             username,
@@ -459,6 +457,29 @@ impl MqttSettings {
             .replace("{product_key}", product_key)
             .replace("{device_name}", device_name)
     }
+}
+
+/// Refuses a thing-name template with anything but `{product_key}`, `{device_name}` and
+/// characters allowed in an MQTT topic level.
+fn validate_thing_template(thing_template: &str) -> anyhow::Result<()> {
+    let sample = thing_template
+        .replace("{product_key}", "p")
+        .replace("{device_name}", "d");
+    if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
+        bail!(
+            "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
+             {{device_name}}, and no '/', '+' or '#'"
+        );
+    }
+    Ok(())
+}
+
+/// A 256-bit key written as 64 hex digits.
+pub fn parse_key32(text: &str) -> anyhow::Result<[u8; 32]> {
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .context("access_key_encryption_key must be 64 hex digits (32 bytes)")
 }
 
 /// Validated server settings.
@@ -530,6 +551,11 @@ pub struct Settings {
     pub heartbeat_interval_ms: u64,
     /// Silence after which a node is dead, ms.
     pub node_dead_after_ms: u64,
+    /// The AWS thing name of a device (MQTT topics, the AWS facade's `thingName`).
+    pub thing_template: String,
+    /// The access-key sealing key, 64 hex digits, validated (None: from the data dir on one
+    /// node, none in a fleet).
+    pub access_key_encryption_key: Option<Secret>,
 }
 
 impl Settings {
@@ -568,6 +594,15 @@ impl Settings {
                 port: relay_addr.port(),
             },
         };
+        let thing_template = k
+            .mqtt_thing_template
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
+        validate_thing_template(&thing_template)?;
+        if let Some(key) = &k.access_key_encryption_key {
+            parse_key32(&key.0)?;
+        }
+        let access_key_encryption_key = k.access_key_encryption_key.clone();
         let mqtt = MqttSettings::from_knobs(
             k.mqtt_url,
             k.mqtt_username,
@@ -646,6 +681,8 @@ impl Settings {
                 .heartbeat_interval_ms
                 .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS),
             node_dead_after_ms: k.node_dead_after_ms.unwrap_or(DEFAULT_NODE_DEAD_AFTER_MS),
+            thing_template,
+            access_key_encryption_key,
         };
         settings.validate()?;
         Ok(settings)

@@ -18,6 +18,7 @@ mod calls;
 mod connect;
 mod fleet;
 mod migrations;
+mod vendor;
 
 pub use connect::SslMode;
 pub use fleet::BUS_APPLICATION_NAME;
