@@ -15,6 +15,8 @@ use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
 use crate::token::{self, SecretHash};
 
 pub mod access_keys;
+pub mod acs;
+pub mod aliyun;
 pub mod api;
 pub mod aws;
 pub mod console;
@@ -98,6 +100,8 @@ pub struct ControlPlane {
     accounts_by_key: DashMap<SecretHash, Account>,
     /// Seals access-key secrets; `None` on a fleet node without `--access-key-encryption-key`.
     access_keys: Option<Arc<access_keys::Sealer>>,
+    /// `{access key id}:{nonce}` -> until when: Alibaba signatures already used.
+    pub(crate) vendor_nonces: DashMap<String, i64>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -129,6 +133,7 @@ impl ControlPlane {
             token_key,
             accounts_by_key: DashMap::new(),
             access_keys: None,
+            vendor_nonces: DashMap::new(),
         }
     }
 

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::{aws, ControlPlane};
+use super::{aliyun, aws, ControlPlane};
 
 /// Routes a `POST /` to the facade whose marker it carries.
 pub async fn dispatch(
@@ -20,6 +20,9 @@ pub async fn dispatch(
 ) -> Response {
     if headers.contains_key("x-amz-target") {
         return aws::serve(cp, method, uri, headers, &body).await;
+    }
+    if aliyun::is_aliyun(&uri, &headers) {
+        return aliyun::serve(cp, method, uri, headers, &body).await;
     }
     ApiError::new(
         StatusCode::BAD_REQUEST,
