@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::agent::{connect, device, echo_server, echo_through};
-use common::peers::within;
+use common::peers::{within, Aws as AwsVersion, AwsPeer, Mode, Relay};
 use common::vendor::{access_key, Aws};
 use common::{DeviceChannel, TestServer};
 use iotunnel::agent::client::{self, ClientArgs};
@@ -247,6 +247,29 @@ async fn boto3_every_operation() {
         channel.next_json().await["token"],
         all["destinationAccessToken"]
     );
+    // The tokens work as AWS's localproxy uses them: `/tunnel?local-proxy-mode=...` with the
+    // access-token header, on the relay.
+    let relay = Relay::of(&t);
+    let token = |v: &Value| v.as_str().unwrap().to_string();
+    let _destination = AwsPeer::connect(
+        &relay,
+        Mode::Destination,
+        AwsVersion::V2,
+        &token(&all["destinationAccessToken"]),
+    )
+    .await;
+    let _source = AwsPeer::connect(
+        &relay,
+        Mode::Source,
+        AwsVersion::V2,
+        &token(&all["sourceAccessToken"]),
+    )
+    .await;
+    wait_side(&t, &key, &id, "client", "CONNECTED").await;
+    wait_side(&t, &key, &id, "device", "CONNECTED").await;
+    let tunnel = aws.ok("describe_tunnel", json!({"tunnelId": id})).await["tunnel"].clone();
+    assert_eq!(tunnel["sourceConnectionState"]["status"], "CONNECTED");
+    assert_eq!(tunnel["destinationConnectionState"]["status"], "CONNECTED");
 
     // ListTunnels: newest first, by thing, paginated with maxResults and nextToken.
     let second = aws.ok("open_tunnel", open_params(&thing)).await;
