@@ -840,7 +840,9 @@ async fn sqlite_tunnel_limit_counts_every_transition_and_survives_reopen() {
     // A database from before the counter: the migration counts what is OPEN.
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "DROP TRIGGER tunnels_count_open_insert; DROP TRIGGER tunnels_count_open_update; \
+        "DROP TABLE tunnel_tags; DROP TABLE access_keys; \
+         ALTER TABLE devices DROP COLUMN tunnels_disabled; \
+         DROP TRIGGER tunnels_count_open_insert; DROP TRIGGER tunnels_count_open_update; \
          DROP TRIGGER tunnels_count_open_delete; ALTER TABLE devices DROP COLUMN open_tunnels; \
          PRAGMA user_version = 3;",
     )
@@ -884,9 +886,10 @@ async fn postgres_tunnel_limit_counts_every_transition_and_migrates_old_data() {
         .await
         .unwrap()
         .get(0);
+    // The counter is migration 2; the vendor facades' tables (migration 3) go back too.
     assert_eq!(
-        version, 2,
-        "this rolls back migration 2 only while it is the last one"
+        version, 3,
+        "this rolls back migrations 2 and 3 only while they are the last ones"
     );
     client
         .batch_execute(&format!(
@@ -896,7 +899,9 @@ async fn postgres_tunnel_limit_counts_every_transition_and_migrates_old_data() {
              DROP FUNCTION tunnels_count_open_insert(); DROP FUNCTION tunnels_count_open_update(); \
              DROP FUNCTION tunnels_count_open_delete(); \
              ALTER TABLE devices DROP COLUMN open_tunnels; \
-             DELETE FROM schema_migrations WHERE version = {version};"
+             DROP TABLE tunnel_tags; DROP TABLE access_keys; \
+             ALTER TABLE devices DROP COLUMN tunnels_disabled; \
+             DELETE FROM schema_migrations WHERE version >= 2 AND version <= {version};"
         ))
         .await
         .unwrap();
