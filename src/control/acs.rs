@@ -127,6 +127,17 @@ fn check_time(value: Option<&str>, name: &str, now: Millis) -> Result<(), AcsErr
     Ok(())
 }
 
+/// A signature nonce, which every request must carry so that replays can be refused.
+fn required_nonce<'a>(value: Option<&'a str>, name: &str) -> Result<&'a str, AcsError> {
+    value.filter(|v| !v.is_empty()).ok_or_else(|| {
+        err(
+            400,
+            "MissingParameter",
+            format!("The input parameter \"{name}\" that is mandatory for processing this request is not supplied."),
+        )
+    })
+}
+
 /// Reads the claim of a signed request (either scheme) and checks its time.
 pub fn parse(
     headers: &HeaderMap,
@@ -173,7 +184,10 @@ pub fn parse(
             ));
         };
         check_time(header(headers, "x-acs-date"), "x-acs-date", now)?;
-        let nonce = header(headers, "x-acs-signature-nonce").unwrap_or_default();
+        let nonce = required_nonce(
+            header(headers, "x-acs-signature-nonce"),
+            "x-acs-signature-nonce",
+        )?;
         let signed_headers: Vec<String> = signed.split(';').map(str::to_ascii_lowercase).collect();
         // What makes the request this request must be signed: where, when, which operation.
         for required in [
@@ -228,7 +242,7 @@ pub fn parse(
     check_time(param(params, "Timestamp"), "Timestamp", now)?;
     Ok(Claim {
         key_id: key.into(),
-        nonce: param(params, "SignatureNonce").unwrap_or_default().into(),
+        nonce: required_nonce(param(params, "SignatureNonce"), "SignatureNonce")?.into(),
         scheme: Scheme::Sha1 {
             signature: signature.into(),
         },
@@ -375,6 +389,7 @@ mod tests {
             ("SignatureMethod", "HMAC-SHA1"),
             ("AccessKeyId", "k"),
             ("Timestamp", "2016-02-23T12:40:00Z"),
+            ("SignatureNonce", "n"),
         ]);
         let e = parse(&HeaderMap::new(), &params, now).unwrap_err();
         assert_eq!(e.code, "InvalidTimeStamp.Expired");
