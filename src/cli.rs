@@ -41,6 +41,34 @@ pub enum Command {
     /// Inspect the nodes of the fleet (admin key only).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Manage access key pairs, the credentials of the AWS and Alibaba SDKs.
+    #[command(subcommand)]
+    AccessKey(AccessKeyCmd),
+}
+
+/// `iotunnel access-key ...`
+#[derive(Subcommand, Debug)]
+pub enum AccessKeyCmd {
+    /// Create an access key pair and print its secret (once).
+    Create {
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// List the account's access key ids.
+    List {
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Revoke an access key: requests signed with it fail at once.
+    Delete {
+        /// The access key id.
+        access_key_id: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
 }
 
 /// `iotunnel node ...`
@@ -597,6 +625,50 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Tunnel(cmd) => tunnel_command(cmd).await?,
         Command::Key(cmd) => keys::run(cmd).await?,
+        Command::AccessKey(cmd) => access_key_command(cmd).await?,
+    }
+    Ok(())
+}
+
+async fn access_key_command(cmd: AccessKeyCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        AccessKeyCmd::Create { api } => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(Method::POST, "/v1/access-keys", Some(json!({})))
+                .await?;
+            c.print(
+                &v,
+                std::slice::from_ref(&v),
+                &[
+                    ("ACCESS KEY ID", "/access_key_id"),
+                    ("SECRET ACCESS KEY (shown once)", "/secret_access_key"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        AccessKeyCmd::List { api } => {
+            let c = ApiClient::new(api)?;
+            let v = c.call(Method::GET, "/v1/access-keys", None).await?;
+            let rows = v["access_keys"].as_array().cloned().unwrap_or_default();
+            c.print(
+                &v,
+                &rows,
+                &[
+                    ("ACCESS KEY ID", "/access_key_id"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        AccessKeyCmd::Delete { access_key_id, api } => {
+            let c = ApiClient::new(api)?;
+            let path = format!("/v1/access-keys/{}", enc(&access_key_id));
+            c.call(Method::DELETE, &path, None).await?;
+            if !c.json {
+                println!("access key {access_key_id} revoked");
+            }
+        }
     }
     Ok(())
 }

@@ -205,6 +205,11 @@ pub struct Knobs {
     /// [default: --mesh-addr, with the public relay host for an unspecified IP].
     #[arg(long, env = "IOTUNNEL_PUBLIC_MESH_ADDR")]
     pub public_mesh_addr: Option<String>,
+    /// Key sealing access-key secrets in the database, 64 hex digits; every node of a fleet
+    /// needs the same one [default: one node: generated into {data-dir}/access-key.key; a
+    /// fleet: none, and access keys are refused].
+    #[arg(long, env = "IOTUNNEL_ACCESS_KEY_ENCRYPTION_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub access_key_encryption_key: Option<Secret>,
     /// Fleet heartbeat interval, ms [default: 1000].
     #[arg(long, env = "IOTUNNEL_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
@@ -266,7 +271,8 @@ impl Knobs {
             public_mesh_addr,
             heartbeat_interval_ms,
             node_dead_after_ms,
-            keep_previous_admin_keys
+            keep_previous_admin_keys,
+            access_key_encryption_key
         )
     }
 }
@@ -441,15 +447,7 @@ impl MqttSettings {
         }
         let thing_template =
             thing_template.unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
-        let sample = thing_template
-            .replace("{product_key}", "p")
-            .replace("{device_name}", "d");
-        if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
-            bail!(
-                "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
-                 {{device_name}}, and no '/', '+' or '#'"
-            );
-        }
+        validate_thing_template(&thing_template)?;
         Ok(Some(Self {
             url,
             username,
@@ -465,6 +463,29 @@ impl MqttSettings {
             .replace("{product_key}", product_key)
             .replace("{device_name}", device_name)
     }
+}
+
+/// Refuses a thing-name template with anything but `{product_key}`, `{device_name}` and
+/// characters allowed in an MQTT topic level.
+fn validate_thing_template(thing_template: &str) -> anyhow::Result<()> {
+    let sample = thing_template
+        .replace("{product_key}", "p")
+        .replace("{device_name}", "d");
+    if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
+        bail!(
+            "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
+             {{device_name}}, and no '/', '+' or '#'"
+        );
+    }
+    Ok(())
+}
+
+/// A 256-bit key written as 64 hex digits.
+pub fn parse_key32(text: &str) -> anyhow::Result<[u8; 32]> {
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .context("access_key_encryption_key must be 64 hex digits (32 bytes)")
 }
 
 /// Validated server settings.
@@ -539,6 +560,11 @@ pub struct Settings {
     /// Keep the keys earlier starts took from `IOTUNNEL_ADMIN_KEY` (else a start with one
     /// revokes them).
     pub keep_previous_admin_keys: bool,
+    /// The AWS thing name of a device (MQTT topics, the AWS facade's `thingName`).
+    pub thing_template: String,
+    /// The access-key sealing key, 64 hex digits, validated (None: from the data dir on one
+    /// node, none in a fleet).
+    pub access_key_encryption_key: Option<Secret>,
 }
 
 impl Settings {
@@ -577,6 +603,15 @@ impl Settings {
                 port: relay_addr.port(),
             },
         };
+        let thing_template = k
+            .mqtt_thing_template
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
+        validate_thing_template(&thing_template)?;
+        if let Some(key) = &k.access_key_encryption_key {
+            parse_key32(&key.0)?;
+        }
+        let access_key_encryption_key = k.access_key_encryption_key.clone();
         let mqtt = MqttSettings::from_knobs(
             k.mqtt_url,
             k.mqtt_username,
@@ -656,6 +691,8 @@ impl Settings {
                 .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS),
             node_dead_after_ms: k.node_dead_after_ms.unwrap_or(DEFAULT_NODE_DEAD_AFTER_MS),
             keep_previous_admin_keys: k.keep_previous_admin_keys.unwrap_or(false),
+            thing_template,
+            access_key_encryption_key,
         };
         settings.validate()?;
         Ok(settings)

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::control::access_keys::Sealer;
 use crate::control::fleet::{self, Fleet};
 use crate::control::{api, lifecycle, mqtt, ControlPlane};
 use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, TunnelIndex};
@@ -142,6 +143,26 @@ async fn install_fleet_ca(store: &dyn Store, data_dir: &Path) -> anyhow::Result<
     let stored = store.fleet_secret("tls_ca".into(), proposed).await?;
     let ca: Ca = serde_json::from_slice(&stored).context("fleet secret tls_ca is corrupt")?;
     tls::install_ca(data_dir, &ca.cert, &ca.key)
+}
+
+/// The access-key encryption key: the configured one, else on a single node one generated
+/// into the data dir; a fleet node without one gets none (each node would make its own).
+fn load_access_key_key(settings: &Settings, shared: bool) -> anyhow::Result<Option<[u8; 32]>> {
+    if let Some(key) = &settings.access_key_encryption_key {
+        return crate::config::parse_key32(&key.0).map(Some);
+    }
+    if shared {
+        return Ok(None);
+    }
+    let path = settings.data_dir.join("access-key.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let key = crate::config::parse_key32(&text)
+            .with_context(|| format!("{} is corrupt", path.display()))?;
+        return Ok(Some(key));
+    }
+    let key = token::random_bytes::<32>();
+    tls::write_private(&path, &hex::encode(key))?;
+    Ok(Some(key))
 }
 
 /// The key device tokens are derived from, created on first start.
@@ -326,6 +347,7 @@ impl Server {
         };
         // Fleet-wide secrets live in the shared database: a token or certificate from one node
         // is valid on all. A single node keeps its token key in the data dir, as it always did.
+        let access_key_encryption_key = load_access_key_key(&settings, shared)?;
         let token_key = if shared {
             fleet_key(store.as_ref(), "token_key").await?
         } else {
@@ -419,6 +441,13 @@ impl Server {
         );
         if let Some(n) = notifier {
             control = control.with_mqtt(n);
+        }
+        match access_key_encryption_key {
+            Some(key) => control = control.with_access_keys(Sealer::new(&key)),
+            None => tracing::warn!(
+                "no --access-key-encryption-key on this fleet node: access keys and the \
+                 vendor APIs (AWS, Alibaba) are refused"
+            ),
         }
         let control = Arc::new(control);
         let (shutdown, shutdown_rx) = watch::channel(false);

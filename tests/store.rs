@@ -485,6 +485,139 @@ async fn contract(s: Arc<dyn Store>) {
         .unwrap_err();
 
     fleet_contract(s).await;
+    vendor_contract(s).await;
+}
+
+/// Access keys, tunnel tags and the device tunnel switch (the vendor facades, issue 13).
+async fn vendor_contract(s: &dyn Store) {
+    let key = |id: &str, acc: &str, at: i64| AccessKey {
+        id: id.into(),
+        account_id: acc.into(),
+        sealed_secret: vec![at as u8; 40],
+        created_at: at,
+    };
+    s.create_access_key(key("K2", "acc_a", 20)).await.unwrap();
+    s.create_access_key(key("K1", "acc_a", 10)).await.unwrap();
+    s.create_access_key(key("KB", "acc_b", 10)).await.unwrap();
+    assert_eq!(
+        s.create_access_key(key("K1", "acc_b", 30)).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(
+        s.create_access_key(key("K9", "acc_nobody", 30)).await,
+        Err(StoreError::NotFound)
+    );
+    let listed = s.list_access_keys("acc_a".into()).await.unwrap();
+    assert_eq!(listed, vec![key("K1", "acc_a", 10), key("K2", "acc_a", 20)]);
+    let (k, account) = s.access_key("K2".into()).await.unwrap().unwrap();
+    assert_eq!((k, account.id.as_str()), (key("K2", "acc_a", 20), "acc_a"));
+    assert!(s.access_key("K9".into()).await.unwrap().is_none());
+    // Revocation: only by the owning account, and then the key is gone.
+    assert_eq!(
+        s.delete_access_key("acc_b".into(), "K2".into()).await,
+        Err(StoreError::NotFound)
+    );
+    s.delete_access_key("acc_a".into(), "K2".into())
+        .await
+        .unwrap();
+    assert!(s.access_key("K2".into()).await.unwrap().is_none());
+    assert_eq!(
+        s.delete_access_key("acc_a".into(), "K2".into()).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(s.list_access_keys("acc_b".into()).await.unwrap().len(), 1);
+
+    // Tags: per tunnel of the account, merged by key, removed by key, gone with the tunnel.
+    let tag_tunnel = |at: i64| NewTunnel {
+        expires_at: 9_000_000,
+        max_open_per_device: 1000,
+        ..new_tunnel("tag1", "d2", at)
+    };
+    s.create_tunnel(tag_tunnel(5000)).await.unwrap();
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(s
+        .tunnel_tags("acc_a".into(), "tag1".into())
+        .await
+        .unwrap()
+        .is_empty());
+    s.tag_tunnel(
+        "acc_a".into(),
+        "tag1".into(),
+        pairs(&[("b", "1"), ("a", "2")]),
+    )
+    .await
+    .unwrap();
+    s.tag_tunnel("acc_a".into(), "tag1".into(), pairs(&[("b", "3")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.tunnel_tags("acc_a".into(), "tag1".into()).await.unwrap(),
+        pairs(&[("a", "2"), ("b", "3")])
+    );
+    for r in [
+        s.tunnel_tags("acc_b".into(), "tag1".into()).await.map(drop),
+        s.tag_tunnel("acc_b".into(), "tag1".into(), pairs(&[("x", "")]))
+            .await,
+        s.untag_tunnel("acc_b".into(), "tag1".into(), vec!["a".into()])
+            .await,
+        s.tunnel_tags("acc_a".into(), "nope".into()).await.map(drop),
+    ] {
+        assert_eq!(r, Err(StoreError::NotFound));
+    }
+    s.untag_tunnel("acc_a".into(), "tag1".into(), vec!["a".into(), "zz".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.tunnel_tags("acc_a".into(), "tag1".into()).await.unwrap(),
+        pairs(&[("b", "3")])
+    );
+    s.close_tunnel("acc_a".into(), "tag1".into(), CloseReason::Closed, 5001)
+        .await
+        .unwrap();
+    s.delete_tunnel("acc_a".into(), "tag1".into())
+        .await
+        .unwrap();
+    s.create_tunnel(tag_tunnel(6000)).await.unwrap();
+    assert!(
+        s.tunnel_tags("acc_a".into(), "tag1".into())
+            .await
+            .unwrap()
+            .is_empty(),
+        "a deleted tunnel's tags go with it"
+    );
+
+    // The device tunnel switch.
+    assert!(!s
+        .device_tunnels_disabled("pk".into(), "d2".into())
+        .await
+        .unwrap());
+    assert!(!s
+        .device_tunnels_disabled("pk".into(), "nope".into())
+        .await
+        .unwrap());
+    assert_eq!(
+        s.set_device_tunnels_disabled("acc_b".into(), "pk".into(), "d2".into(), true)
+            .await,
+        Err(StoreError::NotFound)
+    );
+    s.set_device_tunnels_disabled("acc_a".into(), "pk".into(), "d2".into(), true)
+        .await
+        .unwrap();
+    assert!(s
+        .device_tunnels_disabled("pk".into(), "d2".into())
+        .await
+        .unwrap());
+    s.set_device_tunnels_disabled("acc_a".into(), "pk".into(), "d2".into(), false)
+        .await
+        .unwrap();
+    assert!(!s
+        .device_tunnels_disabled("pk".into(), "d2".into())
+        .await
+        .unwrap());
 }
 
 fn node(id: &str, heartbeat_at: i64) -> NodeRecord {
@@ -855,7 +988,9 @@ async fn sqlite_tunnel_limit_counts_every_transition_and_survives_reopen() {
     // migrations count what is OPEN and give the keys ids.
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(&format!(
-        "{UNDO_KEY_COLUMNS} \
+        "DROP TABLE tunnel_tags; DROP TABLE access_keys; \
+         ALTER TABLE devices DROP COLUMN tunnels_disabled; \
+         {UNDO_KEY_COLUMNS} \
          DROP TRIGGER tunnels_count_open_insert; DROP TRIGGER tunnels_count_open_update; \
          DROP TRIGGER tunnels_count_open_delete; ALTER TABLE devices DROP COLUMN open_tunnels; \
          PRAGMA user_version = 3;"
@@ -912,21 +1047,24 @@ async fn postgres_tunnel_limit_counts_every_transition_and_migrates_old_data() {
         .await
         .unwrap()
         .get(0);
+    // The counter is migration 2; the API keys' columns (3) and the vendor facades' tables (4)
+    // go back too.
     assert_eq!(
-        version, 3,
-        "this rolls back migrations 3 (API keys) and 2 only while they are the last ones"
+        version, 4,
+        "this rolls back migrations 4 (vendor facades), 3 (API keys) and 2 only while they are the last ones"
     );
     client
         .batch_execute(&format!(
-            "{UNDO_KEY_COLUMNS} DELETE FROM schema_migrations WHERE version = {version}; \
+            "{UNDO_KEY_COLUMNS} \
              DROP TRIGGER tunnels_count_open_insert ON tunnels; \
              DROP TRIGGER tunnels_count_open_update ON tunnels; \
              DROP TRIGGER tunnels_count_open_delete ON tunnels; \
              DROP FUNCTION tunnels_count_open_insert(); DROP FUNCTION tunnels_count_open_update(); \
              DROP FUNCTION tunnels_count_open_delete(); \
              ALTER TABLE devices DROP COLUMN open_tunnels; \
-             DELETE FROM schema_migrations WHERE version = {};",
-            version - 1
+             DROP TABLE tunnel_tags; DROP TABLE access_keys; \
+             ALTER TABLE devices DROP COLUMN tunnels_disabled; \
+             DELETE FROM schema_migrations WHERE version >= 2;",
         ))
         .await
         .unwrap();

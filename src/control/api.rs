@@ -107,6 +107,11 @@ pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -
         .routes(routes!(batch_delete))
         .routes(routes!(rotate_tunnel))
         .routes(routes!(list_nodes))
+        .routes(routes!(
+            super::access_keys::create_access_key,
+            super::access_keys::list_access_keys
+        ))
+        .routes(routes!(super::access_keys::delete_access_key))
         .routes(routes!(device_channel::connect))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -117,6 +122,8 @@ pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -
             "/openapi.json",
             axum::routing::get(move || async move { Json(openapi.as_ref().clone()) }),
         )
+        // The vendor facades (AWS, Alibaba): their operation is in a header or a parameter.
+        .route("/", axum::routing::post(super::vendor::dispatch))
         .route_layer(axum::middleware::from_fn_with_state(
             metrics.clone(),
             crate::metrics::track_api,
@@ -364,6 +371,7 @@ async fn create_tunnel(
         description: validate_text("description", req.description, MAX_DESCRIPTION_BYTES)?,
         services: validate_services(req.services)?,
         lifetime_seconds,
+        require_online: true,
     };
     let created = cp.create_tunnel(&me, spec).await?;
     let t = &created.tunnel;

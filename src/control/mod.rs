@@ -13,7 +13,11 @@ use crate::seam::{CloseReason, RelayCommand, Side, TunnelIndex};
 use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
 use crate::token;
 
+pub mod access_keys;
+pub mod acs;
+pub mod aliyun;
 pub mod api;
+pub mod aws;
 pub mod console;
 pub mod device_channel;
 pub mod error;
@@ -21,6 +25,9 @@ pub mod fleet;
 pub mod keys;
 pub mod lifecycle;
 pub mod mqtt;
+pub mod sigv4;
+pub mod thing;
+pub mod vendor;
 pub mod views;
 
 use device_channel::{ChannelMsg, DeviceChannels};
@@ -41,6 +48,9 @@ pub struct TunnelSpec {
     pub services: Vec<String>,
     /// Lifetime in seconds.
     pub lifetime_seconds: u32,
+    /// Refuse an offline device (native and Alibaba APIs); AWS opens tunnels to offline
+    /// things, which learn of them when they connect (the device channel replays OPEN ones).
+    pub require_online: bool,
 }
 
 /// A created tunnel and its client token (returned once, never stored).
@@ -88,6 +98,10 @@ pub struct ControlPlane {
     token_key: [u8; 32],
     /// API keys in use, briefly trusted without asking the store.
     keys: keys::KeyCache,
+    /// Seals access-key secrets; `None` on a fleet node without `--access-key-encryption-key`.
+    access_keys: Option<Arc<access_keys::Sealer>>,
+    /// `{access key id}:{nonce}` -> until when: Alibaba signatures already used.
+    pub(crate) vendor_nonces: dashmap::DashMap<String, i64>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -118,7 +132,15 @@ impl ControlPlane {
             relay,
             token_key,
             keys: keys::KeyCache::default(),
+            access_keys: None,
+            vendor_nonces: dashmap::DashMap::new(),
         }
+    }
+
+    /// Adds the access-key sealer (before the control plane is shared).
+    pub fn with_access_keys(mut self, sealer: access_keys::Sealer) -> Self {
+        self.access_keys = Some(Arc::new(sealer));
+        self
     }
 
     /// Adds the MQTT broker link (before the control plane is shared).
@@ -291,7 +313,18 @@ impl ControlPlane {
             .await?
             .filter(|d| d.account_id == account.id)
             .ok_or_else(|| ApiError::not_found("device"))?;
-        if !self.is_online(&device.product_key, &device.name).await {
+        if self
+            .store
+            .device_tunnels_disabled(device.product_key.clone(), device.name.clone())
+            .await?
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "device_tunnels_disabled",
+                "the device's tunnel switch is off: no new tunnels until it is enabled",
+            ));
+        }
+        if spec.require_online && !self.is_online(&device.product_key, &device.name).await {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "device_offline",

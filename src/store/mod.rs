@@ -337,6 +337,21 @@ pub struct NodeRecord {
     pub draining: bool,
 }
 
+/// An access key pair of an account, which signs requests to the vendor facades (AWS SigV4,
+/// Alibaba's RPC signatures). The secret is kept only sealed with the server's access-key
+/// encryption key (see [`crate::control::access_keys`]): the database alone does not reveal it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessKey {
+    /// The access key id (`IOTK...`), public.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// The secret access key, sealed (nonce and AES-256-GCM ciphertext).
+    pub sealed_secret: Vec<u8>,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
 /// What arrives on a fleet subscription ([`Store::subscribe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusEvent {
@@ -385,6 +400,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<ApiKey>>;
     /// Records a use of a key at `at` (kept when later than the recorded one).
     async fn touch_api_key(&self, key_id: String, at: Millis) -> StoreResult<()>;
+
+    /// Stores a new access key of an existing account.
+    async fn create_access_key(&self, key: AccessKey) -> StoreResult<()>;
+    /// The account's access keys, oldest first.
+    async fn list_access_keys(&self, account_id: String) -> StoreResult<Vec<AccessKey>>;
+    /// Revokes (deletes) an access key of the account.
+    async fn delete_access_key(&self, account_id: String, key_id: String) -> StoreResult<()>;
+    /// An access key by id, any account, with its account.
+    async fn access_key(&self, key_id: String) -> StoreResult<Option<(AccessKey, Account)>>;
 
     /// Creates a product.
     async fn create_product(&self, product: Product) -> StoreResult<Product>;
@@ -448,6 +472,40 @@ pub trait Store: Send + Sync + 'static {
         product_key: String,
         device_name: String,
     ) -> StoreResult<Vec<Tunnel>>;
+    /// The tags of the account's tunnel, by key.
+    async fn tunnel_tags(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+    ) -> StoreResult<Vec<(String, String)>>;
+    /// Adds tags to the account's tunnel, replacing the values of keys it already has.
+    async fn tag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        tags: Vec<(String, String)>,
+    ) -> StoreResult<()>;
+    /// Removes tags (absent keys are ignored) from the account's tunnel.
+    async fn untag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        keys: Vec<String>,
+    ) -> StoreResult<()>;
+    /// Turns the tunnel switch of the account's device off (`disabled`: no new tunnels) or on.
+    async fn set_device_tunnels_disabled(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        disabled: bool,
+    ) -> StoreResult<()>;
+    /// Whether the device's tunnel switch is off (false for an unknown device).
+    async fn device_tunnels_disabled(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<bool>;
     /// Every OPEN tunnel (to rebuild the index at start).
     async fn all_open_tunnels(&self) -> StoreResult<Vec<Tunnel>>;
     /// Closes every OPEN tunnel whose `expires_at` is at or before `now`; returns them.

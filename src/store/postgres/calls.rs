@@ -89,6 +89,68 @@ impl Store for PgStore {
         keys::touch(&c, &key_id, at).await
     }
 
+    async fn create_access_key(&self, key: AccessKey) -> StoreResult<()> {
+        self.create_access_key_impl(key).await
+    }
+
+    async fn list_access_keys(&self, account_id: String) -> StoreResult<Vec<AccessKey>> {
+        self.list_access_keys_impl(account_id).await
+    }
+
+    async fn delete_access_key(&self, account_id: String, key_id: String) -> StoreResult<()> {
+        self.delete_access_key_impl(account_id, key_id).await
+    }
+
+    async fn access_key(&self, key_id: String) -> StoreResult<Option<(AccessKey, Account)>> {
+        self.access_key_impl(key_id).await
+    }
+
+    async fn tunnel_tags(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+    ) -> StoreResult<Vec<(String, String)>> {
+        self.tunnel_tags_impl(account_id, tunnel_id).await
+    }
+
+    async fn tag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        tags: Vec<(String, String)>,
+    ) -> StoreResult<()> {
+        self.tag_tunnel_impl(account_id, tunnel_id, tags).await
+    }
+
+    async fn untag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        keys: Vec<String>,
+    ) -> StoreResult<()> {
+        self.untag_tunnel_impl(account_id, tunnel_id, keys).await
+    }
+
+    async fn set_device_tunnels_disabled(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        disabled: bool,
+    ) -> StoreResult<()> {
+        self.set_device_tunnels_disabled_impl(account_id, product_key, device_name, disabled)
+            .await
+    }
+
+    async fn device_tunnels_disabled(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<bool> {
+        self.device_tunnels_disabled_impl(product_key, device_name)
+            .await
+    }
+
     async fn create_product(&self, p: Product) -> StoreResult<Product> {
         let c = self.client().await?;
         execute(

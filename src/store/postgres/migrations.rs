@@ -171,6 +171,24 @@ ALTER TABLE api_keys ALTER COLUMN id SET NOT NULL;
 CREATE UNIQUE INDEX api_keys_by_id ON api_keys(id);
 CREATE INDEX api_keys_by_account ON api_keys(account_id, created_at);
 "#,
+    // Vendor facades (issue 13): access keys (secrets sealed with the server's key), tunnel
+    // tags (AWS TagResource), and the per-device tunnel switch (Alibaba DisableDeviceTunnel).
+    r#"
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    sealed_secret BYTEA NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX access_keys_by_account ON access_keys(account_id, created_at);
+CREATE TABLE tunnel_tags (
+    tunnel_id TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (tunnel_id, key)
+);
+ALTER TABLE devices ADD COLUMN tunnels_disabled BOOLEAN NOT NULL DEFAULT FALSE;
+"#,
 ];
 
 /// Brings the schema up to date on `client` (a connection of its own: the lock is the

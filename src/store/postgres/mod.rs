@@ -19,6 +19,7 @@ mod connect;
 mod fleet;
 mod keys;
 mod migrations;
+mod vendor;
 
 pub use connect::SslMode;
 pub use fleet::BUS_APPLICATION_NAME;

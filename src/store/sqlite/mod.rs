@@ -16,6 +16,7 @@ use crate::seam::ConnectionEventKind;
 
 mod fleet;
 mod keys;
+mod vendor;
 
 /// Most jobs committed together; bounds the latency a batch adds to its first job.
 const MAX_BATCH: usize = 512;
@@ -165,6 +166,24 @@ UPDATE api_keys SET origin = 'env', name = 'IOTUNNEL_ADMIN_KEY'
 WHERE account_id IN (SELECT id FROM accounts WHERE is_admin = 1);
 CREATE UNIQUE INDEX api_keys_by_id ON api_keys(id);
 CREATE INDEX api_keys_by_account ON api_keys(account_id, created_at);
+"#,
+    // Vendor facades (issue 13): access keys (secrets sealed with the server's key), tunnel
+    // tags (AWS TagResource), and the per-device tunnel switch (Alibaba DisableDeviceTunnel).
+    r#"
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    sealed_secret BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX access_keys_by_account ON access_keys(account_id, created_at);
+CREATE TABLE tunnel_tags (
+    tunnel_id TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (tunnel_id, key)
+);
+ALTER TABLE devices ADD COLUMN tunnels_disabled INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -547,6 +566,81 @@ impl Store for SqliteStore {
 
     async fn touch_api_key(&self, key_id: String, at: Millis) -> StoreResult<()> {
         self.call(move |c| keys::touch(c, &key_id, at)).await
+    }
+
+    async fn create_access_key(&self, key: AccessKey) -> StoreResult<()> {
+        self.call(move |c| vendor::create_access_key(c, &key)).await
+    }
+
+    async fn list_access_keys(&self, account_id: String) -> StoreResult<Vec<AccessKey>> {
+        self.call(move |c| vendor::list_access_keys(c, &account_id))
+            .await
+    }
+
+    async fn delete_access_key(&self, account_id: String, key_id: String) -> StoreResult<()> {
+        self.call(move |c| vendor::delete_access_key(c, &account_id, &key_id))
+            .await
+    }
+
+    async fn access_key(&self, key_id: String) -> StoreResult<Option<(AccessKey, Account)>> {
+        self.call(move |c| vendor::access_key(c, &key_id)).await
+    }
+
+    async fn tunnel_tags(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+    ) -> StoreResult<Vec<(String, String)>> {
+        self.call(move |c| vendor::tunnel_tags(c, &account_id, &tunnel_id))
+            .await
+    }
+
+    async fn tag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        tags: Vec<(String, String)>,
+    ) -> StoreResult<()> {
+        self.call(move |c| vendor::tag_tunnel(c, &account_id, &tunnel_id, &tags))
+            .await
+    }
+
+    async fn untag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        keys: Vec<String>,
+    ) -> StoreResult<()> {
+        self.call(move |c| vendor::untag_tunnel(c, &account_id, &tunnel_id, &keys))
+            .await
+    }
+
+    async fn set_device_tunnels_disabled(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        disabled: bool,
+    ) -> StoreResult<()> {
+        self.call(move |c| {
+            vendor::set_device_tunnels_disabled(
+                c,
+                &account_id,
+                &product_key,
+                &device_name,
+                disabled,
+            )
+        })
+        .await
+    }
+
+    async fn device_tunnels_disabled(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<bool> {
+        self.call(move |c| vendor::device_tunnels_disabled(c, &product_key, &device_name))
+            .await
     }
 
     async fn create_product(&self, p: Product) -> StoreResult<Product> {
