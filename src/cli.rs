@@ -52,7 +52,7 @@ pub enum NodeCmd {
 /// How to reach the API.
 #[derive(Args, Debug, Clone)]
 pub struct ApiOpts {
-    /// Control API base URL.
+    /// Control API base URL (http:// when no scheme is given).
     #[arg(
         long,
         env = "IOTUNNEL_API",
@@ -129,7 +129,7 @@ pub enum DeviceCmd {
         #[arg(long)]
         product_key: String,
         /// Device name.
-        #[arg(long)]
+        #[arg(long = "device-name", visible_alias = "name")]
         name: String,
         #[command(flatten)]
         /// API options.
@@ -150,7 +150,7 @@ pub enum DeviceCmd {
         #[arg(long)]
         product_key: String,
         /// Device name.
-        #[arg(long)]
+        #[arg(long = "device-name", visible_alias = "name")]
         name: String,
         #[command(flatten)]
         /// API options.
@@ -339,7 +339,7 @@ impl ApiClient {
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
                 .build()?,
-            base: opts.api.trim_end_matches('/').to_string(),
+            base: crate::config::api_base_url(&opts.api)?,
             key,
             json: opts.json,
         })
@@ -379,6 +379,27 @@ impl ApiClient {
             }
         }
         Ok(value)
+    }
+
+    /// The tunnel as it stands once the relay has ended both sides: the close's answer still
+    /// shows the connections it is ending, and their end is recorded a moment later. Gives up
+    /// waiting after [`CLOSE_SETTLE`] and shows what it has.
+    async fn after_close(&self, path: &str, closed: Value) -> Value {
+        let settled = |v: &Value| {
+            ["/device/state", "/client/state"]
+                .iter()
+                .all(|p| v.pointer(p).and_then(Value::as_str) != Some("CONNECTED"))
+        };
+        let mut latest = closed;
+        let deadline = tokio::time::Instant::now() + CLOSE_SETTLE;
+        while !settled(&latest) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            match self.call(reqwest::Method::GET, path, None).await {
+                Ok(v) => latest = v,
+                Err(_) => break,
+            }
+        }
+        latest
     }
 
     /// Prints `value` as JSON, or as a table of `columns` over `rows`.
@@ -447,6 +468,10 @@ fn enc(s: &str) -> String {
         })
         .collect()
 }
+
+/// How long `tunnel close` waits for the relay to report both sides disconnected: the relay
+/// ends them at once, and its events are persisted in batches well within this.
+const CLOSE_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 const TUNNEL_COLUMNS: &[(&str, &str)] = &[
     ("TUNNEL ID", "/tunnel_id"),
@@ -700,13 +725,9 @@ async fn tunnel_command(cmd: TunnelCmd) -> anyhow::Result<()> {
         }
         TunnelCmd::Close { id, api } => {
             let c = ApiClient::new(api)?;
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/tunnels/{}/close", enc(&id)),
-                    None,
-                )
-                .await?;
+            let path = format!("/v1/tunnels/{}", enc(&id));
+            let closed = c.call(Method::POST, &format!("{path}/close"), None).await?;
+            let v = c.after_close(&path, closed).await;
             c.print(&v, std::slice::from_ref(&v), TUNNEL_COLUMNS);
         }
         TunnelCmd::Delete { id, api } => {

@@ -5,6 +5,8 @@
 //! - [`ws`]: WebSocket (RFC 6455) frames as the server sees them, the `Sec-WebSocket-Accept` key.
 //! - [`aws`]: the AWS IoT Secure Tunneling protocol V1-V3 (localproxy, aws-c-iot, our agents).
 //! - [`aliyun`]: the Alibaba Cloud `aliyun.iot.securetunnel-v1.1` protocol (Link SDK, `aiot`).
+//! - [`device`]: the device channel's messages and their MQTT topics, between the server and
+//!   the device agent (not spoken by the relay; here because both sides share it).
 //!
 //! Both tunnel protocols run inside binary WebSocket messages; a text frame is refused with
 //! close code 1003 ([`ws::reject_text`]).
@@ -140,6 +142,7 @@
 
 pub mod aliyun;
 pub mod aws;
+pub mod device;
 pub mod ws;
 
 pub use aws::{BoundaryTracker, MessageHeader, ProtocolVersion, Side};
