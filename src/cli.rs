@@ -760,3 +760,74 @@ async fn tunnel_command(cmd: TunnelCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("iotunnel").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn relay_metrics_takes_on_and_off_as_its_help_says() {
+        let metrics = |value: &str| match parse(&["server", "--relay-metrics", value]) {
+            Ok(Cli {
+                command: Command::Server(args),
+            }) => Ok(args.knobs.relay_metrics),
+            Ok(_) => panic!("not the server command"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(metrics("on"), Ok(Some(true)));
+        assert_eq!(metrics("off"), Ok(Some(false)));
+        // Still accepted from before: true/false.
+        assert_eq!(metrics("true"), Ok(Some(true)));
+        assert_eq!(metrics("false"), Ok(Some(false)));
+        let e = metrics("maybe").unwrap_err();
+        assert!(e.contains("[possible values: on, off]"), "{e}");
+    }
+
+    #[test]
+    fn device_commands_take_device_name_and_keep_name() {
+        for flag in ["--device-name", "--name"] {
+            for sub in ["create", "delete"] {
+                let cli = parse(&["device", sub, "--product-key", "pk", flag, "cam-1"])
+                    .unwrap_or_else(|e| panic!("device {sub} {flag}: {e}"));
+                let name = match cli.command {
+                    Command::Device(DeviceArgs {
+                        cmd: Some(DeviceCmd::Create { name, .. } | DeviceCmd::Delete { name, .. }),
+                        ..
+                    }) => name,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(name, "cam-1");
+            }
+        }
+    }
+
+    #[test]
+    fn agent_services_refuse_what_they_cannot_mean() {
+        let agent = |service: &str| {
+            parse(&[
+                "device",
+                "--product-key",
+                "pk",
+                "--device-name",
+                "d",
+                "--service",
+                service,
+            ])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(agent("SSH=127.0.0.1:22"), Ok(()));
+        for (bad, why) in [
+            ("SSH=127.0.0.1:99999", "1 to 65535"),
+            ("A=h:1,B=h:2", "one address only"),
+            ("SSH", "NAME=HOST:PORT"),
+        ] {
+            let e = agent(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}

@@ -1,5 +1,8 @@
-//! `iotunnel device`: the device agent. It keeps the device channel up, reconnecting with
-//! jittered exponential backoff capped at 30 s, and serves each tunnel it is notified of: on
+//! `iotunnel device`: the device agent. It keeps the device channel up, reconnecting after
+//! network errors and 5xx answers with jittered exponential backoff capped at 30 s (a 4xx
+//! refusal, such as a wrong secret, ends it with one line: retrying cannot help), reports the
+//! services it maps ([`crate::proto::device::AgentMessage`]), and serves each tunnel it is
+//! notified of: on
 //! `connect` it dials the relay as the destination (AWS V3) with the notified token and opens a
 //! TCP connection to the mapped local service for every stream and connection the client
 //! starts ([`super::tunnels`]); on `close` it tears that tunnel down. Tokens are never logged.

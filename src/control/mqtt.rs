@@ -16,8 +16,11 @@
 //!   which `iotunnel device --mqtt-url` reads.
 //!
 //! Presence: the server subscribes to `iotunnel/+/+/presence`, where agents publish a retained
-//! `online` on every (re)connect and leave a retained `offline` as their last will. A device is
-//! online when its channel is up or its last presence message said `online`. Each `online`
+//! `{"state": "online", "services": [...]}` (older agents: the plain text `online`) on every
+//! (re)connect and leave a retained `offline` as their last will
+//! ([`crate::proto::device::Presence`]). A device is online when its channel is up or its last
+//! presence message said online; the services it lists gate tunnel create as the device
+//! channel's report does. Each `online`
 //! message (also the retained ones delivered when the server (re)subscribes) makes the server
 //! publish a native `connect` for every OPEN tunnel of the device, as the device channel does on
 //! every reconnect, so a notification lost to an outage is not lost for good.
