@@ -105,6 +105,11 @@
 //! message ([`ws::FragmentTracker::in_message`]): localproxy drops what follows a control message
 //! in the same frame.
 //!
+//! iotunnel's own agent, when it cannot serve a connection (no local address for the service,
+//! or the local service refused), puts the reason, UTF-8, in the payload of the
+//! CONNECTION_RESET it sends; the relay forwards it like any message and iotunnel's client
+//! prints it. The protocol leaves a reset's payload unused, so other peers ignore it.
+//!
 //! # Alibaba Cloud secure tunnel ([`aliyun`])
 //!
 //! Subprotocol `aliyun.iot.securetunnel-v1.1`, in `Sec-WebSocket-Protocol` or in a plain
