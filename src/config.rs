@@ -185,9 +185,8 @@ pub struct Knobs {
     /// Most tunnels with per-tunnel series [default: 1000].
     #[arg(long, env = "IOTUNNEL_METRICS_PER_TUNNEL_MAX")]
     pub metrics_per_tunnel_max: Option<usize>,
-    /// Record the relay's per-frame metrics (bytes, frames, forwarding latency): on|off
-    /// [default: on].
-    #[arg(long, env = "IOTUNNEL_RELAY_METRICS", value_parser = clap::builder::BoolishValueParser::new())]
+    /// Record the relay's per-frame metrics (bytes, frames, forwarding latency) [default: on].
+    #[arg(long, env = "IOTUNNEL_RELAY_METRICS", value_name = "on|off", value_parser = on_off())]
     pub relay_metrics: Option<bool>,
     /// PostgreSQL URL (`postgres://user@host/db?sslmode=require&sslrootcert=ca.pem`): run as
     /// a node of a fleet sharing that database [default: SQLite in the data dir, one node].
@@ -350,6 +349,61 @@ pub fn host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+/// A switch flag's parser: `on` or `off` (and, as before, true/false, yes/no, 1/0).
+fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new([
+        PossibleValue::new("on").aliases(["true", "yes", "1"]),
+        PossibleValue::new("off").aliases(["false", "no", "0"]),
+    ])
+    .map(|v| matches!(v.as_str(), "on" | "true" | "yes" | "1"))
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6), checking that the port is 1 to 65535 and that
+/// the text is one address (no list, no scheme, no path).
+pub fn split_host_port(text: &str) -> Result<(String, u16), String> {
+    let bad = |why: &str| Err(format!("{text:?} is not HOST:PORT: {why}"));
+    if text.contains(',') {
+        return bad("one address only (repeat the flag for more)");
+    }
+    if text.contains('/') || text.contains('=') || text.chars().any(char::is_whitespace) {
+        return bad("unexpected characters");
+    }
+    let (host, port) = match text.strip_prefix('[') {
+        Some(v6) => match v6.split_once("]:") {
+            Some(parts) => parts,
+            None => return bad("expected [IPv6]:PORT"),
+        },
+        None => match text.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return bad("put an IPv6 address in brackets: [::1]:22")
+            }
+            Some(parts) => parts,
+            None => return bad("no port"),
+        },
+    };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((host.to_string(), p)),
+        _ => bad("the port must be a number from 1 to 65535"),
+    }
+}
+
+/// The control API's base URL from `--api`: `http://` when no scheme is given
+/// (`127.0.0.1:8080`), no trailing slash; a scheme other than http(s) is refused.
+pub fn api_base_url(text: &str) -> anyhow::Result<String> {
+    let text = text.trim();
+    let (scheme, rest) = text.split_once("://").unwrap_or(("http", text));
+    let rest = rest.trim_end_matches('/');
+    match scheme {
+        _ if rest.is_empty() => bail!("--api names no host: {text:?}"),
+        "http" | "https" => Ok(format!("{scheme}://{rest}")),
+        _ => bail!("--api must be http://HOST:PORT or https://HOST:PORT, not {text:?}"),
     }
 }
 
@@ -776,6 +830,47 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ports_and_api_urls() {
+        assert_eq!(
+            split_host_port("127.0.0.1:22"),
+            Ok(("127.0.0.1".into(), 22))
+        );
+        assert_eq!(split_host_port("[::1]:8080"), Ok(("::1".into(), 8080)));
+        assert_eq!(
+            split_host_port("cam.local:65535"),
+            Ok(("cam.local".into(), 65535))
+        );
+        for bad in [
+            "h:99999",
+            "h:0",
+            "h:-1",
+            "h:",
+            ":22",
+            "h",
+            "h:1,B=h:2",
+            "::1:22",
+            "[::1]22",
+            "h:22/x",
+            "http://h:22",
+        ] {
+            let e = split_host_port(bad).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        assert_eq!(
+            api_base_url("127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            api_base_url("https://api.example/").unwrap(),
+            "https://api.example"
+        );
+        assert_eq!(api_base_url("http://h:1").unwrap(), "http://h:1");
+        for bad in ["ftp://h:1", "", "http://"] {
+            assert!(api_base_url(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn example_config_parses() {

@@ -38,6 +38,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod mqtt;
 pub mod proto;
 pub mod relay;
 pub mod seam;

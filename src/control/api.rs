@@ -350,7 +350,7 @@ async fn delete_device(
 /// Creates a tunnel to an online device; the client token is shown once.
 #[utoipa::path(post, path = "/v1/tunnels", tag = "tunnels", request_body = CreateTunnel,
     responses((status = 201, body = TunnelCreated), (status = 400, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope), (status = 409, description = "device_offline", body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 409, description = "device_offline, or unknown_service (a service the device's agent reported it does not map)", body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope), (status = 429, description = "tunnel_limit", body = ErrorEnvelope)))]
 async fn create_tunnel(
     State(cp): Cp,

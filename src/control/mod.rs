@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use serde_json::json;
+use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 use crate::clock::{rfc3339, Clock};
 use crate::config::Settings;
+use crate::proto::device::{self, ServerMessage};
 use crate::seam::{CloseReason, RelayCommand, Side, TunnelIndex};
 use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
 use crate::token;
@@ -101,7 +102,7 @@ pub struct ControlPlane {
     /// Seals access-key secrets; `None` on a fleet node without `--access-key-encryption-key`.
     access_keys: Option<Arc<access_keys::Sealer>>,
     /// `{access key id}:{nonce}` -> until when: Alibaba signatures already used.
-    pub(crate) vendor_nonces: dashmap::DashMap<String, i64>,
+    pub(crate) vendor_nonces: DashMap<String, i64>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -133,7 +134,7 @@ impl ControlPlane {
             token_key,
             keys: keys::KeyCache::default(),
             access_keys: None,
-            vendor_nonces: dashmap::DashMap::new(),
+            vendor_nonces: DashMap::new(),
         }
     }
 
@@ -284,21 +285,37 @@ impl ControlPlane {
 
     /// The `connect` notification for a tunnel, as sent on the device channel.
     pub fn connect_notification(&self, t: &Tunnel) -> String {
-        json!({
-            "operation": "connect",
-            "tunnel_id": t.id,
-            "token": self.device_token(t),
-            "url": self.side_url(t, Side::Device),
-            "endpoint": self.relay_endpoint(t),
-            "custom_info": t.custom_info,
-            "services": t.services,
-            "expires_at": rfc3339(t.expires_at),
+        ServerMessage::Connect(device::Connect {
+            tunnel_id: t.id.clone(),
+            token: Some(self.device_token(t)),
+            url: Some(self.side_url(t, Side::Device)),
+            endpoint: Some(self.relay_endpoint(t)),
+            custom_info: t.custom_info.clone(),
+            services: t.services.clone(),
+            expires_at: Some(rfc3339(t.expires_at)),
         })
-        .to_string()
+        .to_json()
     }
 
     fn close_notification(tunnel_id: &str, reason: CloseReason) -> String {
-        json!({"operation": "close", "tunnel_id": tunnel_id, "reason": reason.as_str()}).to_string()
+        ServerMessage::Close {
+            tunnel_id: tunnel_id.to_string(),
+            reason: Some(reason.as_str().to_string()),
+        }
+        .to_json()
+    }
+
+    /// The services the device's agent reported (on its channel here or in its MQTT
+    /// presence); `None` while unknown (no report yet, an older agent, or a channel on another
+    /// node of the fleet).
+    pub fn known_services(&self, product_key: &str, device_name: &str) -> Option<Vec<String>> {
+        self.channels
+            .services_of(product_key, device_name)
+            .or_else(|| {
+                self.mqtt
+                    .as_ref()
+                    .and_then(|m| m.services_of(product_key, device_name))
+            })
     }
 
     /// Creates a tunnel for an online device of the caller's account and notifies the device.
@@ -331,6 +348,19 @@ impl ControlPlane {
                 "the device is offline: it must be connected on the device channel or \
                  announce itself online over MQTT",
             ));
+        }
+        if let Some(known) = self.known_services(&device.product_key, &device.name) {
+            if let Some(missing) = spec.services.iter().find(|s| !known.contains(s)) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "unknown_service",
+                    format!(
+                        "the device's agent does not serve {missing:?} (it serves {}): start it \
+                         with --service {missing}=HOST:PORT, or ask for one of its services",
+                        known.join(", ")
+                    ),
+                ));
+            }
         }
         let now = self.clock.now_ms();
         let client_token = token::random_secret();

@@ -95,7 +95,8 @@ async function scenario() {
   await c.visible('#dlg-secret');
   const secret = await page.textContent('#secret-value');
   c.match(secret, /^[A-Za-z0-9_-]{43}$/, 'the device secret is 256 bits, base64url');
-  await c.text('#secret-command', (t) => t.includes(secret) && t.includes(`--product-key ${productKey}`),
+  await c.text('#secret-command', (t) => t.includes(secret) && t.includes(`--product-key ${productKey}`)
+    && t.includes('--ca-file '),
     'the agent command');
   await page.click('#secret-copy');
   await c.text('#secret-copied', /Copied/, 'Copy reports success');

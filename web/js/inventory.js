@@ -174,7 +174,9 @@ function showSecret(d) {
     ['Device secret', el('code', { id: 'secret-value', class: 'secret' }, d.device_secret)],
   ]);
   const command = `IOTUNNEL_DEVICE_SECRET=${shellQuote(d.device_secret)} iotunnel device --api ${shellQuote(location.origin)}`
-    + ` --product-key ${shellQuote(d.product_key)} --device-name ${shellQuote(d.device_name)}`;
+    + ` --product-key ${shellQuote(d.product_key)} --device-name ${shellQuote(d.device_name)}`
+    // The relay's certificate comes from the server's own CA: the agent must trust it.
+    + ' --ca-file iotunnel-data/tls/ca.pem';
   showCommand($('secret-command'), command);
   secretText = `Product key: ${d.product_key}\nDevice name: ${d.device_name}\nDevice secret: ${d.device_secret}\n`
     + `Device agent: ${command}\n`;
