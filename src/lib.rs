@@ -33,6 +33,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod relay;

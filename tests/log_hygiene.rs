@@ -1,0 +1,123 @@
+//! Log hygiene (issue 15, item 6): `RUST_LOG` works beside `IOTUNNEL_LOG` (which wins), and a
+//! TLS client that puts an IP address into SNI (RFC 6066 forbids it; some clients do it anyway)
+//! leaves no per-connection rustls warning in the server's log, nor does iotunnel's own client
+//! dialling the relay by IP address.
+//!
+//! The real binary runs as a child process and its stderr is read after it exited, so every
+//! line it wrote is there.
+mod common;
+
+use std::sync::Arc;
+
+use common::process::{bin, Proc, ServerCmd, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What rustls logs for a ClientHello whose SNI is an IP address.
+const SNI_WARNING: &str = "Illegal SNI extension";
+
+/// A TLS 1.3 ClientHello from rustls for `localhost`, with the name overwritten by `127.0.0.1`:
+/// the same length, so every length field stays right and the server parses it as a client
+/// that sends an IP address as SNI.
+fn client_hello_with_ip_sni() -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let at = hello
+        .windows(9)
+        .position(|w| w == b"localhost")
+        .expect("the hello carries the SNI");
+    hello[at..at + 9].copy_from_slice(b"127.0.0.1");
+    assert!(!hello.windows(9).any(|w| w == b"localhost"), "one SNI only");
+    hello
+}
+
+/// Sends the IP-SNI hello to the relay and waits for the server's first answer bytes: the
+/// ClientHello has been parsed (and anything about it logged) by then.
+async fn send_ip_sni_hello(relay: &str) {
+    let mut tcp = TcpStream::connect(relay).await.unwrap();
+    tcp.write_all(&client_hello_with_ip_sni()).await.unwrap();
+    let mut answer = [0u8; 5];
+    let n = tokio::time::timeout(DEADLINE, tcp.read(&mut answer))
+        .await
+        .expect("the relay answers the hello")
+        .unwrap();
+    // 0x16: a handshake record (the ServerHello): the SNI was ignored, not refused.
+    assert!(n > 0 && answer[0] == 0x16, "{:?}", &answer[..n]);
+}
+
+/// Starts a TLS server with `env` (`bin()` leaves out the test's own `RUST_LOG`).
+async fn server(data: &std::path::Path, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = ServerCmd::new(data).command();
+    cmd.envs(env.iter().copied());
+    Proc::start(cmd).await.labelled("server")
+}
+
+/// Stops `p` and returns everything it wrote to stderr.
+async fn stderr_after_exit(mut p: Proc) -> String {
+    assert!(p.term().await.success(), "{}", p.output());
+    p.stderr()
+}
+
+#[tokio::test]
+async fn a_client_sending_an_ip_as_sni_leaves_no_warning_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let p = server(&data, &[]).await;
+    send_ip_sni_hello(&p.relay_addr).await;
+
+    // iotunnel's own client, dialling the relay by IP address (its token is refused).
+    let mut client = bin();
+    client
+        .args(["client", "--stdio", "SSH", "--token", "not-a-token"])
+        .arg("--url")
+        .arg(format!("wss://{}/tunnel/tun_nope/source", p.relay_addr))
+        .arg("--ca-file")
+        .arg(data.join("tls/ca.pem"));
+    let out = tokio::time::timeout(DEADLINE, client.output())
+        .await
+        .expect("the client gives up on a refused token")
+        .unwrap();
+    assert!(!out.status.success(), "a refused token is an error");
+
+    let log = stderr_after_exit(p).await;
+    assert!(!log.contains(SNI_WARNING), "{log}");
+    assert!(!log.contains("WARN"), "no warning at all: {log}");
+}
+
+#[tokio::test]
+async fn rust_log_is_read_and_iotunnel_log_wins_over_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Asked for by name, rustls's warning is there: the hello does trigger it, and RUST_LOG is
+    // honoured when IOTUNNEL_LOG is unset.
+    let p = server(&tmp.path().join("a"), &[("RUST_LOG", "info,rustls=warn")]).await;
+    send_ip_sni_hello(&p.relay_addr).await;
+    let log = stderr_after_exit(p).await;
+    assert!(log.contains(SNI_WARNING), "{log}");
+    assert!(log.contains("INFO"), "{log}");
+
+    // Both set: IOTUNNEL_LOG decides, and it does not name rustls.
+    let p = server(
+        &tmp.path().join("b"),
+        &[("RUST_LOG", "info,rustls=warn"), ("IOTUNNEL_LOG", "info")],
+    )
+    .await;
+    send_ip_sni_hello(&p.relay_addr).await;
+    let log = stderr_after_exit(p).await;
+    assert!(!log.contains(SNI_WARNING), "{log}");
+    // ... and it is read: at warn, the server's own info lines are gone.
+    let p = server(
+        &tmp.path().join("c"),
+        &[("RUST_LOG", "info"), ("IOTUNNEL_LOG", "warn")],
+    )
+    .await;
+    let log = stderr_after_exit(p).await;
+    assert!(!log.contains("INFO"), "{log}");
+}
