@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::BUCKETS;
+use super::{gauges, BUCKETS};
 use crate::relay::stats::{MeshDirection, StatsSnapshot, DISCONNECT_REASONS, HANDSHAKE_FAILURES};
 use crate::relay::upgrade::Refusal;
 
@@ -51,16 +51,6 @@ fn counters<L: EncodeLabelSet>(
         ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
-}
-
-/// A gauge family of integer values.
-fn gauges<L: EncodeLabelSet>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: impl IntoIterator<Item = (L, u64)>,
-) -> Fmt {
-    super::gauges(encoder, name, help, series)
 }
 
 /// An hdrhistogram (nanoseconds) as a Prometheus histogram in seconds over [`BUCKETS`].
