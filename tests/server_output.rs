@@ -1,10 +1,13 @@
+//! What the server writes, read from the real binary run as a child process (its stderr is read
+//! after it exited, so every line it wrote is there).
+//!
+//! Start-up lines (issue 15, item 9): they name both `/metrics` addresses and the CA file that
+//! agents and clients pass as `--ca-file`.
+//!
 //! Log hygiene (issue 15, item 6): `RUST_LOG` works beside `IOTUNNEL_LOG` (which wins); a TLS
 //! client that puts an IP address into SNI (RFC 6066 forbids it; some clients do it anyway)
 //! leaves no per-connection rustls warning in the server's log; and iotunnel's own client,
 //! dialling the relay by IP address, sends no SNI at all (rustls sends none for an address).
-//!
-//! The real binary runs as a child process and its stderr is read after it exited, so every
-//! line it wrote is there.
 mod common;
 
 use std::sync::Arc;
@@ -131,4 +134,59 @@ async fn iotunnel_log_wins_over_rust_log() {
     .await;
     let log = stderr_after_exit(p).await;
     assert!(!log.contains("INFO"), "{log}");
+}
+
+#[tokio::test]
+async fn start_up_lines_name_both_metrics_addresses_and_the_ca_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let p = server(&data, &[]).await;
+    let line = p
+        .wait_line(DEADLINE, "naming the metrics addresses", |l| {
+            l.starts_with("iotunnel metrics on ")
+        })
+        .await;
+    let urls: Vec<&str> = line
+        .split_whitespace()
+        .filter(|w| w.starts_with("http://"))
+        .collect();
+    assert_eq!(urls.len(), 2, "{line}");
+    assert!(
+        urls.contains(&format!("{}/metrics", p.api_base).as_str()),
+        "{line}"
+    );
+    for url in urls {
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        assert!(text.contains("iotunnel_build_info{"), "{url}");
+    }
+    let line = p
+        .wait_line(DEADLINE, "naming the CA file", |l| {
+            l.starts_with("iotunnel CA certificate")
+        })
+        .await;
+    let ca = line
+        .split("--ca-file ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(
+        std::path::Path::new(ca),
+        std::path::absolute(data.join("tls/ca.pem")).unwrap()
+    );
+    assert!(std::path::Path::new(ca).is_file());
+    drop(p);
+
+    // A plaintext relay has no CA to trust.
+    let mut p = server(
+        &tmp.path().join("plain"),
+        &[("IOTUNNEL_RELAY_PLAINTEXT", "true")],
+    )
+    .await;
+    assert!(p.term().await.success(), "{}", p.output());
+    assert!(
+        p.stdout().contains("iotunnel metrics on "),
+        "{}",
+        p.stdout()
+    );
+    assert!(!p.stdout().contains("CA certificate"), "{}", p.stdout());
 }
