@@ -337,13 +337,7 @@ fn init_server_logging(format: crate::config::LogFormat) {
 }
 
 fn init_logging(default_level: &str, format: crate::config::LogFormat) {
-    let level = std::env::var("IOTUNNEL_LOG").unwrap_or_else(|_| default_level.into());
-    // The WebSocket libraries trace whole frames, notifications with tokens included: never
-    // below info, whatever IOTUNNEL_LOG asks.
-    let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "{level},tungstenite=info,tokio_tungstenite=info"
-    ))
-    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = crate::logging::filter(default_level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

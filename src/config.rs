@@ -14,8 +14,10 @@ pub const DEFAULT_DATA_DIR: &str = "./iotunnel-data";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";
 /// Default relay address (DESIGN.md).
 pub const DEFAULT_RELAY_ADDR: &str = "127.0.0.1:8443";
-/// Default Prometheus exporter address (DESIGN.md).
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9100";
+/// Default Prometheus exporter address (DESIGN.md). Not 9100: node_exporter's, installed beside
+/// Debian's `prometheus`; Prometheus's exporter range 9100-9999 is fully allocated, so outside it
+/// and beside the API (8080) and the relay (8443). `/metrics` is on the API address as well.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:8479";
 /// A tunnel lives 24 h unless told otherwise: the vendors' forced close (PROTOCOLS.md).
 pub const DEFAULT_MAX_LIFETIME_SECONDS: u32 = 86_400;
 /// The shortest lifetime a tunnel may be given (issue: 60 s).
@@ -106,7 +108,7 @@ pub struct Knobs {
     /// Relay (data plane) address [default: 127.0.0.1:8443].
     #[arg(long, env = "IOTUNNEL_RELAY_ADDR")]
     pub relay_addr: Option<SocketAddr>,
-    /// Prometheus exporter address [default: 127.0.0.1:9100].
+    /// Prometheus exporter address [default: 127.0.0.1:8479]; /metrics is on the API address too.
     #[arg(long, env = "IOTUNNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// The relay's public host:port (or wss://host:port) put into tunnel URLs.

@@ -37,6 +37,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod proto;

@@ -1,27 +1,41 @@
-//! The Prometheus exporter on `--metrics-addr`: text format, base units, `_total` counters,
-//! bounded labels, every label value present from start-up.
+//! The Prometheus exporter, through the `prometheus-client` crate: `/metrics` on `--metrics-addr`
+//! and on the API address. Base units, `_total` counters, bounded labels, every label value
+//! present from start-up.
 //!
-//! Data-plane series come from per-shard snapshots merged at scrape time (see
-//! [`crate::relay::stats`]): hdrhistograms are turned into cumulative buckets from 25 µs to 10 s.
-use std::collections::HashMap;
-use std::fmt::Write;
+//! One [`Registry`] holds the control API's typed families ([`ApiMetrics`]) and three custom
+//! collectors that read state at scrape time: the control plane's ([`NodeCollector`]), the
+//! relay's per-shard snapshots ([`relay::RelayCollector`], merged at scrape: hdrhistograms become
+//! cumulative buckets from 25 µs to 10 s) and the process's ([`process::ProcessCollector`]).
+//!
+//! The answer is the Prometheus text format (0.0.4) unless the scraper's `Accept` prefers
+//! OpenMetrics (as Prometheus itself does). Either way the series are the ones this exporter
+//! always had: see [`legacy_le`] for the one place where the library's spelling is undone.
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::header::CONTENT_TYPE;
-use axum::middleware::Next;
+use axum::extract::State;
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::control::ControlPlane;
-use crate::relay::stats::{MeshDirection, StatsSnapshot, DISCONNECT_REASONS, HANDSHAKE_FAILURES};
-use crate::relay::upgrade::Refusal;
+use crate::relay::stats::StatsSnapshot;
 use crate::relay::RelayScraper;
+
+mod api;
+mod process;
+mod relay;
+
+pub use api::{track_api, ApiMetrics, RouteLabel, API_ROUTES, API_STATUSES};
 
 /// Histogram bucket bounds in seconds: 25 µs to 10 s (issue 5).
 pub const BUCKETS: &[f64] = &[
@@ -29,605 +43,291 @@ pub const BUCKETS: &[f64] = &[
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The API routes, as templates: the only values of the `route` label (plus `unmatched`).
-pub const API_ROUTES: &[&str] = &[
-    "/v1/accounts",
-    "/v1/products",
-    "/v1/products/{product_key}/devices",
-    "/v1/products/{product_key}/devices/{device_name}",
-    "/v1/tunnels",
-    "/v1/tunnels/{id}",
-    "/v1/tunnels/{id}/close",
-    "/v1/tunnels/batch-close",
-    "/v1/tunnels/batch-delete",
-    "/v1/tunnels/{id}/rotate",
-    "/v1/device/connect",
-    "/v1/access-keys",
-    "/v1/access-keys/{access_key_id}",
-    "aws:OpenTunnel",
-    "aws:CloseTunnel",
-    "aws:DescribeTunnel",
-    "aws:ListTunnels",
-    "aws:RotateTunnelAccessToken",
-    "aws:TagResource",
-    "aws:UntagResource",
-    "aws:ListTagsForResource",
-    "aws:unknown",
-    "aliyun:CreateDeviceTunnel",
-    "aliyun:CloseDeviceTunnel",
-    "aliyun:DeleteDeviceTunnel",
-    "aliyun:QueryDeviceTunnel",
-    "aliyun:EnableDeviceTunnel",
-    "aliyun:DisableDeviceTunnel",
-    "aliyun:GetDeviceTunnelStatus",
-    "aliyun:unknown",
-    "/healthz",
-    "/readyz",
-    "/openapi.json",
-    "unmatched",
-];
-
-/// The statuses the API answers in the normal course, each exported from start-up per route.
-pub const API_STATUSES: &[u16] = &[200, 201, 204, 400, 401, 403, 404, 409, 413, 429, 500, 503];
-
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("static bounds are valid")
+/// The exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4, the default.
+    Prometheus,
+    /// OpenMetrics text 1.0.0, for a scraper whose `Accept` prefers it.
+    OpenMetrics,
 }
 
-/// Control API request counts and latencies (the control plane is not the hot path: a mutex).
-#[derive(Debug)]
-pub struct ApiMetrics {
-    requests: Mutex<HashMap<(String, u16), u64>>,
-    durations: Mutex<HashMap<String, Histogram<u64>>>,
-}
-
-impl Default for ApiMetrics {
-    fn default() -> Self {
-        let durations = API_ROUTES
-            .iter()
-            .map(|r| (r.to_string(), new_histogram()))
-            .collect();
-        Self {
-            requests: Mutex::default(),
-            durations: Mutex::new(durations),
+impl Format {
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
         }
     }
-}
 
-impl ApiMetrics {
-    /// Counts a request no route matched.
-    pub fn unmatched(&self, status: axum::http::StatusCode) {
-        self.record("unmatched", status.as_u16(), Duration::ZERO);
-    }
-
-    fn record(&self, route: &str, status: u16, took: Duration) {
-        let route = if API_ROUTES.contains(&route) {
-            route
-        } else {
-            "unmatched"
+    /// The format an `Accept` header asks for: OpenMetrics when it names
+    /// `application/openmetrics-text` with a quality at least that of every other type it
+    /// accepts (Prometheus sends it first with q=1); the text format otherwise, and for no header.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Prometheus;
         };
-        *self
-            .requests
-            .lock()
-            .expect("metrics lock")
-            .entry((route.to_string(), status))
-            .or_default() += 1;
-        if let Some(h) = self.durations.lock().expect("metrics lock").get_mut(route) {
-            let _ = h.record(took.as_nanos() as u64);
-        }
-    }
-}
-
-/// A response's route label when the matched path does not name the operation (the vendor
-/// facades all live on `POST /`): one of [`API_ROUTES`].
-#[derive(Debug, Clone, Copy)]
-pub struct RouteLabel(pub &'static str);
-
-/// Middleware recording `iotunnel_api_*` by route template.
-pub async fn track_api(
-    State(metrics): State<Arc<ApiMetrics>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched".to_string(), |m| m.as_str().to_string());
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    let route = match resp.extensions().get::<RouteLabel>() {
-        Some(label) => label.0.to_string(),
-        None => route,
-    };
-    metrics.record(&route, resp.status().as_u16(), start.elapsed());
-    resp
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram<u64>) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    for b in BUCKETS {
-        let count = h.count_between(0, (*b * 1e9) as u64);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {count}");
-    }
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.len());
-    // hdrhistogram keeps no exact sum; the mean times the count is within its 0.1% precision.
-    let sum = h.mean() * h.len() as f64 / 1e9;
-    let braces = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(out, "{name}_sum{braces} {sum}");
-    let _ = writeln!(out, "{name}_count{braces} {}", h.len());
-}
-
-fn merge<'a>(hs: impl Iterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
-    let mut total = new_histogram();
-    for h in hs {
-        let _ = total.add(h);
-    }
-    total
-}
-
-const ROLES: [&str; 2] = ["device", "client"];
-const FAMILIES: [&str; 2] = ["aws", "aliyun"];
-const DIRECTIONS: [&str; 2] = ["client_to_device", "device_to_client"];
-
-fn render_relay(out: &mut String, shards: &[StatsSnapshot]) {
-    let sum2 = |f: &dyn Fn(&StatsSnapshot) -> [u64; 2]| {
-        shards.iter().fold([0u64; 2], |acc, s| {
-            let v = f(s);
-            [acc[0] + v[0], acc[1] + v[1]]
-        })
-    };
-    header(
-        out,
-        "iotunnel_peers_connected",
-        "gauge",
-        "Peers connected to the relay, by role.",
-    );
-    let peers = sum2(&|s| s.peers);
-    for (i, role) in ROLES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "iotunnel_peers_connected{{role=\"{role}\"}} {}",
-            peers[i]
-        );
-    }
-    header(
-        out,
-        "iotunnel_peer_connects_total",
-        "counter",
-        "Peer connections accepted, by role and family.",
-    );
-    for (r, role) in ROLES.iter().enumerate() {
-        for (f, family) in FAMILIES.iter().enumerate() {
-            let n: u64 = shards.iter().map(|s| s.connects[r][f]).sum();
-            let _ = writeln!(
-                out,
-                "iotunnel_peer_connects_total{{role=\"{role}\",family=\"{family}\"}} {n}"
-            );
-        }
-    }
-    header(
-        out,
-        "iotunnel_peer_disconnects_total",
-        "counter",
-        "Peer disconnections, by role and reason.",
-    );
-    for (r, role) in ROLES.iter().enumerate() {
-        for reason in DISCONNECT_REASONS {
-            let n: u64 = shards
-                .iter()
-                .map(|s| s.disconnects.get(&(r, *reason)).copied().unwrap_or(0))
-                .sum();
-            let _ = writeln!(
-                out,
-                "iotunnel_peer_disconnects_total{{role=\"{role}\",reason=\"{reason}\"}} {n}"
-            );
-        }
-    }
-    header(
-        out,
-        "iotunnel_relay_bytes_total",
-        "counter",
-        "Bytes forwarded (WebSocket frames), by direction.",
-    );
-    let bytes = sum2(&|s| s.bytes);
-    for (i, d) in DIRECTIONS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "iotunnel_relay_bytes_total{{direction=\"{d}\"}} {}",
-            bytes[i]
-        );
-    }
-    header(
-        out,
-        "iotunnel_relay_frames_total",
-        "counter",
-        "Frames forwarded, by direction.",
-    );
-    let frames = sum2(&|s| s.frames);
-    for (i, d) in DIRECTIONS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "iotunnel_relay_frames_total{{direction=\"{d}\"}} {}",
-            frames[i]
-        );
-    }
-    header(
-        out,
-        "iotunnel_forward_latency_seconds",
-        "histogram",
-        "Time from a frame fully read to fully written to the other side.",
-    );
-    histogram(
-        out,
-        "iotunnel_forward_latency_seconds",
-        "",
-        &merge(shards.iter().map(|s| &s.forward_latency)),
-    );
-    header(
-        out,
-        "iotunnel_peer_rtt_seconds",
-        "histogram",
-        "WebSocket ping round trips, by role.",
-    );
-    for (r, role) in ROLES.iter().enumerate() {
-        let h = merge(shards.iter().map(|s| &s.rtt[r]));
-        histogram(
-            out,
-            "iotunnel_peer_rtt_seconds",
-            &format!("role=\"{role}\""),
-            &h,
-        );
-    }
-    header(
-        out,
-        "iotunnel_handshake_failures_total",
-        "counter",
-        "Relay handshakes that failed, by reason.",
-    );
-    let reasons = Refusal::ALL
-        .iter()
-        .map(|r| r.label())
-        .chain(HANDSHAKE_FAILURES.iter().copied());
-    for reason in reasons {
-        let n: u64 = shards
-            .iter()
-            .map(|s| s.handshake_failures.get(reason).copied().unwrap_or(0))
-            .sum();
-        let _ = writeln!(
-            out,
-            "iotunnel_handshake_failures_total{{reason=\"{reason}\"}} {n}"
-        );
-    }
-    header(
-        out,
-        "iotunnel_shard_tunnels",
-        "gauge",
-        "Tunnels with a connected peer, by owner shard.",
-    );
-    for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(out, "iotunnel_shard_tunnels{{shard=\"{i}\"}} {}", s.tunnels);
-    }
-    header(
-        out,
-        "iotunnel_shard_bytes_total",
-        "counter",
-        "Bytes forwarded (WebSocket frames, both directions), by the shard that forwarded them.",
-    );
-    for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "iotunnel_shard_bytes_total{{shard=\"{i}\"}} {}",
-            s.bytes[0] + s.bytes[1]
-        );
-    }
-    render_mesh(out, shards);
-}
-
-/// The fleet's mesh series (all zero on a single node).
-fn render_mesh(out: &mut String, shards: &[StatsSnapshot]) {
-    let sum = |f: &dyn Fn(&StatsSnapshot) -> u64| shards.iter().map(f).sum::<u64>();
-    header(
-        out,
-        "iotunnel_mesh_forwards_total",
-        "counter",
-        "Connections this node forwarded to a tunnel's owner node, by result.",
-    );
-    for (i, result) in ["ok", "unreachable"].iter().enumerate() {
-        let n = sum(&|s| s.mesh_forwards[i]);
-        let _ = writeln!(
-            out,
-            "iotunnel_mesh_forwards_total{{result=\"{result}\"}} {n}"
-        );
-    }
-    header(
-        out,
-        "iotunnel_mesh_connections",
-        "gauge",
-        "Forwarded connections open now (outbound: to an owner node, inbound: from another node).",
-    );
-    for d in MeshDirection::ALL {
-        let n = sum(&|s| s.mesh_connections[d as usize]);
-        let _ = writeln!(
-            out,
-            "iotunnel_mesh_connections{{direction=\"{}\"}} {n}",
-            d.as_str()
-        );
-    }
-    header(
-        out,
-        "iotunnel_mesh_bytes_total",
-        "counter",
-        "Bytes carried by forwarded connections, both ways summed, by direction.",
-    );
-    for d in MeshDirection::ALL {
-        let n = sum(&|s| s.mesh_bytes[d as usize]);
-        let _ = writeln!(
-            out,
-            "iotunnel_mesh_bytes_total{{direction=\"{}\"}} {n}",
-            d.as_str()
-        );
-    }
-}
-
-/// The optional per-tunnel series (`--metrics-per-tunnel`), for at most `max` tunnels.
-fn render_per_tunnel(out: &mut String, shards: &[StatsSnapshot], max: usize) {
-    if max == 0 {
-        return;
-    }
-    let mut all: Vec<_> = shards.iter().flat_map(|s| &s.per_tunnel).collect();
-    all.sort_by(|a, b| a.tunnel_id.cmp(&b.tunnel_id));
-    all.truncate(max);
-    header(
-        out,
-        "iotunnel_tunnel_relay_bytes_total",
-        "counter",
-        "Bytes forwarded per tunnel, by direction.",
-    );
-    for t in &all {
-        for (i, d) in DIRECTIONS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "iotunnel_tunnel_relay_bytes_total{{tunnel_id=\"{}\",direction=\"{d}\"}} {}",
-                t.tunnel_id, t.bytes[i]
-            );
-        }
-    }
-    header(
-        out,
-        "iotunnel_tunnel_peer_connected",
-        "gauge",
-        "Whether each side of a tunnel is connected.",
-    );
-    for t in &all {
-        for (i, role) in ROLES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "iotunnel_tunnel_peer_connected{{tunnel_id=\"{}\",role=\"{role}\"}} {}",
-                t.tunnel_id,
-                u8::from(t.connected[i])
-            );
-        }
-    }
-    header(
-        out,
-        "iotunnel_tunnel_peer_rtt_seconds",
-        "gauge",
-        "Smoothed ping RTT of each side of a tunnel.",
-    );
-    for t in &all {
-        for (i, role) in ROLES.iter().enumerate() {
-            if let Some(us) = t.srtt_us[i] {
-                let _ = writeln!(
-                    out,
-                    "iotunnel_tunnel_peer_rtt_seconds{{tunnel_id=\"{}\",role=\"{role}\"}} {}",
-                    t.tunnel_id,
-                    us as f64 / 1e6
-                );
+        let (mut openmetrics, mut other) = (0.0f32, 0.0f32);
+        for item in accept.split(',') {
+            let mut parts = item.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if media == "application/openmetrics-text" {
+                openmetrics = openmetrics.max(q);
+            } else if !media.is_empty() {
+                other = other.max(q);
             }
         }
-    }
-}
-
-fn render_api(out: &mut String, api: &ApiMetrics) {
-    header(
-        out,
-        "iotunnel_api_requests_total",
-        "counter",
-        "Control API requests, by route template and status.",
-    );
-    // Every (route, usual status) has a series from start-up, so that rate() and increase()
-    // see the first 409 of a route go up from 0 instead of a series born at 1.
-    let mut series: std::collections::BTreeMap<(String, u16), u64> = API_ROUTES
-        .iter()
-        .flat_map(|r| API_STATUSES.iter().map(|s| ((r.to_string(), *s), 0)))
-        .collect();
-    series.extend(api.requests.lock().expect("metrics lock").clone());
-    for ((route, status), n) in series {
-        let _ = writeln!(
-            out,
-            "iotunnel_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-        );
-    }
-    header(
-        out,
-        "iotunnel_api_request_duration_seconds",
-        "histogram",
-        "Control API request latency, by route template.",
-    );
-    let durations = api.durations.lock().expect("metrics lock");
-    for route in API_ROUTES {
-        if let Some(h) = durations.get(*route) {
-            histogram(
-                out,
-                "iotunnel_api_request_duration_seconds",
-                &format!("route=\"{route}\""),
-                h,
-            );
+        if openmetrics > 0.0 && openmetrics >= other {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
         }
     }
 }
 
-/// Process CPU, RSS and open fds from /proc.
-fn render_process(out: &mut String) {
-    // clock ticks per second and the page size are 100 and 4096 on every Linux we run on.
-    const TICKS: f64 = 100.0;
-    const PAGE: u64 = 4096;
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-        // After the command: state is field 3, utime 14, stime 15, rss 24 (1-based in proc(5)).
-        let get = |n: usize| {
-            fields
-                .get(n - 3)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
+/// The registry and what a scrape needs to fill it.
+#[derive(Debug)]
+pub struct Exporter {
+    registry: Registry,
+    /// The shards' snapshots of the scrape in progress, read by the relay collector.
+    shards: Arc<Mutex<Vec<StatsSnapshot>>>,
+    relay: Option<RelayScraper>,
+    /// One scrape at a time: the snapshots encoded are the ones that scrape took.
+    scraping: tokio::sync::Mutex<()>,
+}
+
+impl Exporter {
+    /// Registers every metric: the API families of `api`, the control plane's and the process's
+    /// state, and the relay's snapshots when the server runs a relay.
+    pub fn new(cp: Arc<ControlPlane>, api: &ApiMetrics, relay: Option<RelayScraper>) -> Self {
+        let mut registry = Registry::default();
+        // Info appends `_info`: the series is `iotunnel_build_info{version}`, as it always was.
+        registry.register(
+            "iotunnel_build",
+            "Build information; always 1",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        let per_tunnel = cp.settings.metrics_per_tunnel;
+        registry.register_collector(Box::new(NodeCollector { cp }));
+        let shards = Arc::new(Mutex::new(Vec::new()));
+        registry.register_collector(Box::new(relay::RelayCollector {
+            shards: shards.clone(),
+            per_tunnel,
+        }));
+        api.register(&mut registry);
+        registry.register_collector(Box::new(process::ProcessCollector));
+        Self {
+            registry,
+            shards,
+            relay,
+            scraping: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Takes the shards' snapshots and encodes every metric in `format`.
+    pub async fn render(&self, format: Format) -> String {
+        let _one = self.scraping.lock().await;
+        let snapshots = match &self.relay {
+            Some(r) => r.scrape().await,
+            None => Vec::new(),
         };
-        header(
-            out,
-            "process_cpu_seconds_total",
-            "counter",
-            "User and system CPU time.",
-        );
-        let _ = writeln!(
-            out,
-            "process_cpu_seconds_total {}",
-            (get(14) + get(15)) as f64 / TICKS
-        );
-        header(
-            out,
-            "process_resident_memory_bytes",
-            "gauge",
-            "Resident memory.",
-        );
-        let _ = writeln!(out, "process_resident_memory_bytes {}", get(24) * PAGE);
-    }
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        header(out, "process_open_fds", "gauge", "Open file descriptors.");
-        let _ = writeln!(out, "process_open_fds {}", dir.count());
+        *self.shards.lock().expect("metrics lock") = snapshots;
+        let mut out = String::with_capacity(64 * 1024);
+        let encoded = match format {
+            Format::Prometheus => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            }
+            Format::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            }
+        };
+        self.shards.lock().expect("metrics lock").clear();
+        // Writing into a String cannot fail, and no collector returns an error of its own.
+        if let Err(e) = encoded {
+            tracing::error!(error = %e, "cannot encode the metrics");
+        }
+        legacy_le(&out)
     }
 }
 
-fn render_fleet(out: &mut String, cp: &ControlPlane) {
-    let now = cp.clock.now_ms();
-    let dead_after = cp.settings.node_dead_after_ms as i64;
-    let nodes = cp.fleet.nodes();
-    let live = nodes
-        .iter()
-        .filter(|n| crate::control::fleet::is_live(n, now, dead_after))
-        .count();
-    header(
-        out,
-        "iotunnel_fleet_nodes",
-        "gauge",
-        "Nodes of the fleet as this node last read them, by state (live, dead).",
-    );
-    let _ = writeln!(out, "iotunnel_fleet_nodes{{state=\"live\"}} {live}");
-    let _ = writeln!(
-        out,
-        "iotunnel_fleet_nodes{{state=\"dead\"}} {}",
-        nodes.len() - live
-    );
-    header(
-        out,
-        "iotunnel_fleet_leader",
-        "gauge",
-        "1 while this node leads the fleet (sweeps lifecycles, re-places dead nodes' tunnels).",
-    );
-    let _ = writeln!(
-        out,
-        "iotunnel_fleet_leader {}",
-        u8::from(cp.fleet.is_leader())
-    );
-}
-
-/// Renders every metric in the Prometheus text format.
-pub fn render(cp: &ControlPlane, api: &ApiMetrics, shards: &[StatsSnapshot]) -> String {
-    let mut out = String::new();
-    header(
-        &mut out,
-        "iotunnel_build_info",
-        "gauge",
-        "Build information; always 1.",
-    );
-    let _ = writeln!(
-        out,
-        "iotunnel_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    header(
-        &mut out,
-        "iotunnel_tunnels",
-        "gauge",
-        "Tunnels this node owns, by state (closed: tokens still remembered). In a fleet each \
-         tunnel counts on its owner only, so sums over nodes are right.",
-    );
-    let _ = writeln!(
-        out,
-        "iotunnel_tunnels{{state=\"open\"}} {}",
-        cp.index.owned_here()
-    );
-    let _ = writeln!(
-        out,
-        "iotunnel_tunnels{{state=\"closed\"}} {}",
-        cp.index.closed_here()
-    );
-    header(
-        &mut out,
-        "iotunnel_device_channels_connected",
-        "gauge",
-        "Connected device channels.",
-    );
-    let _ = writeln!(
-        out,
-        "iotunnel_device_channels_connected {}",
-        cp.channels.connected()
-    );
-    render_fleet(&mut out, cp);
-    render_relay(&mut out, shards);
-    render_per_tunnel(&mut out, shards, cp.settings.metrics_per_tunnel);
-    render_api(&mut out, api);
-    render_process(&mut out);
+/// Spells every histogram bound as this exporter always has (`le="0.000025"`, `le="1"`): the
+/// library writes Go's `2.5e-05` in the text format and `2.5e-5`, `1.0` in OpenMetrics, and a
+/// Prometheus before 3.0 stores `le` verbatim, so another spelling would start new series and
+/// break queries naming a bucket. Only values of [`BUCKETS`] are rewritten.
+pub fn legacy_le(text: &str) -> String {
+    const LE: &str = "le=\"";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(LE) {
+        let (head, tail) = rest.split_at(at + LE.len());
+        out.push_str(head);
+        let end = tail.find('"').unwrap_or(tail.len());
+        let value = &tail[..end];
+        // A label named `le`, not one ending in it (`role`).
+        let is_le = matches!(head.as_bytes().get(at.wrapping_sub(1)), Some(b'{' | b','));
+        match value.parse::<f64>() {
+            Ok(v) if is_le && BUCKETS.contains(&v) => {
+                use std::fmt::Write;
+                let _ = write!(out, "{v}");
+            }
+            _ => out.push_str(value),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
     out
+}
+
+/// The control plane's state at scrape time: tunnels owned, device channels, the fleet.
+struct NodeCollector {
+    cp: Arc<ControlPlane>,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let cp = &self.cp;
+        gauges(
+            &mut encoder,
+            "iotunnel_tunnels",
+            "Tunnels this node owns, by state (closed: tokens still remembered). In a fleet each \
+             tunnel counts on its owner only, so sums over nodes are right.",
+            [
+                ([("state", "open")], cp.index.owned_here() as u64),
+                ([("state", "closed")], cp.index.closed_here() as u64),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "iotunnel_device_channels_connected",
+            "Connected device channels.",
+            cp.channels.connected() as u64,
+        )?;
+        let now = cp.clock.now_ms();
+        let dead_after = cp.settings.node_dead_after_ms as i64;
+        let nodes = cp.fleet.nodes();
+        let live = nodes
+            .iter()
+            .filter(|n| crate::control::fleet::is_live(n, now, dead_after))
+            .count();
+        gauges(
+            &mut encoder,
+            "iotunnel_fleet_nodes",
+            "Nodes of the fleet as this node last read them, by state (live, dead).",
+            [
+                ([("state", "live")], live as u64),
+                ([("state", "dead")], (nodes.len() - live) as u64),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "iotunnel_fleet_leader",
+            "1 while this node leads the fleet (sweeps lifecycles, re-places dead nodes' tunnels).",
+            u64::from(cp.fleet.is_leader()),
+        )
+    }
+}
+
+/// One unlabelled gauge.
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(m)
+}
+
+/// A gauge family, one series per label set.
+fn gauges<L: prometheus_client::encoding::EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(value).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// `GET /metrics`, in the format the scraper's `Accept` header prefers.
+async fn metrics(State(exporter): State<Arc<Exporter>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
+    let body = exporter.render(format).await;
+    ([(CONTENT_TYPE, format.content_type())], body).into_response()
+}
+
+/// The `/metrics` route, for the metrics listener and the API's.
+pub fn router(exporter: Arc<Exporter>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(exporter)
 }
 
 /// Serves `/metrics` until `shutdown` turns true.
 pub async fn serve(
-    cp: Arc<ControlPlane>,
-    api: Arc<ApiMetrics>,
-    relay: Option<RelayScraper>,
+    exporter: Arc<Exporter>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let (cp, api, relay) = (cp.clone(), api.clone(), relay.clone());
-            async move {
-                let shards = match &relay {
-                    Some(r) => r.scrape().await,
-                    None => Vec::new(),
-                };
-                (
-                    [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    render(&cp, &api, &shards),
-                )
-                    .into_response()
-            }
-        }),
-    );
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let serve = axum::serve(listener, router(exporter)).with_graceful_shutdown(async move {
         let _ = shutdown.wait_for(|s| *s).await;
     });
     if let Err(e) = serve.await {
         tracing::error!(error = %e, "metrics server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_picks_openmetrics_only_when_preferred() {
+        // What Prometheus 2.x sends by default.
+        let prometheus = "application/openmetrics-text;version=1.0.0,\
+            application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text")),
+            Format::OpenMetrics
+        );
+        for plain in [
+            None,
+            Some("*/*"),
+            Some("text/plain"),
+            Some("text/plain;version=0.0.4,application/openmetrics-text;q=0.5"),
+            Some("application/openmetrics-text;q=0"),
+            Some(""),
+        ] {
+            assert_eq!(Format::negotiate(plain), Format::Prometheus, "{plain:?}");
+        }
+    }
+
+    #[test]
+    fn bucket_bounds_keep_their_spelling() {
+        let text = "a_bucket{le=\"2.5e-05\"} 1\na_bucket{role=\"x\",le=\"5e-5\"} 2\n\
+            a_bucket{le=\"1.0\"} 3\na_bucket{le=\"10\"} 3\na_bucket{le=\"+Inf\"} 4\n\
+            b{le=\"0.3\"} 1\nc{route=\"le=\\\"\"} 1\nd{handle=\"1.0\"} 1\n";
+        assert_eq!(
+            legacy_le(text),
+            "a_bucket{le=\"0.000025\"} 1\na_bucket{role=\"x\",le=\"0.00005\"} 2\n\
+            a_bucket{le=\"1\"} 3\na_bucket{le=\"10\"} 3\na_bucket{le=\"+Inf\"} 4\n\
+            b{le=\"0.3\"} 1\nc{route=\"le=\\\"\"} 1\nd{handle=\"1.0\"} 1\n"
+        );
     }
 }

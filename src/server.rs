@@ -1,7 +1,7 @@
 //! `iotunnel server`: prepares the data dir, the TLS material and the store, rebuilds the tunnel
 //! index, then serves the control API and the metrics until told to shut down.
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -74,6 +74,9 @@ pub struct Server {
     pub metrics_addr: SocketAddr,
     /// Where the relay listens.
     pub relay_addr: SocketAddr,
+    /// The generated CA that agents and clients pass as `--ca-file`, when the relay serves TLS
+    /// with the generated certificate.
+    pub ca_file: Option<PathBuf>,
     /// The admin API key, when this start created it (to print once).
     pub new_admin_key: Option<String>,
     /// The data plane's ends of the seam, when the server runs without its relay.
@@ -362,6 +365,8 @@ impl Server {
         }
         let tls_paths = tls::ensure_material(&settings.data_dir, &settings.public_relay.host)
             .context("cannot prepare TLS material")?;
+        let ca_file = (!settings.relay_plaintext && settings.tls_cert.is_none())
+            .then(|| std::path::absolute(&tls_paths.ca_cert).unwrap_or(tls_paths.ca_cert.clone()));
         let mut relay_cfg = crate::relay::RelayConfig::from_settings(
             &settings,
             &tls_paths.server_cert,
@@ -483,17 +488,6 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        let api_metrics = Arc::new(crate::metrics::ApiMetrics::default());
-        let app = api::router(control.clone(), api_metrics.clone());
-        let mut stop = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let serve = axum::serve(listeners.api, app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "api server failed");
-            }
-        }));
         let relay_addr = listeners
             .relay
             .first()
@@ -518,11 +512,26 @@ impl Server {
         } else {
             (Some(seam), None)
         };
-        let scraper = relay.as_ref().map(crate::relay::RelayHandle::scraper);
-        tasks.push(tokio::spawn(crate::metrics::serve(
+        let api_metrics = Arc::new(crate::metrics::ApiMetrics::default());
+        let exporter = Arc::new(crate::metrics::Exporter::new(
             control.clone(),
-            api_metrics,
-            scraper,
+            &api_metrics,
+            relay.as_ref().map(crate::relay::RelayHandle::scraper),
+        ));
+        // `/metrics` on the API address too, outside the API's own request metrics and logs.
+        let app = api::router(control.clone(), api_metrics)
+            .merge(crate::metrics::router(exporter.clone()));
+        let mut stop = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(listeners.api, app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "api server failed");
+            }
+        }));
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            exporter,
             listeners.metrics,
             shutdown_rx,
         )));
@@ -532,6 +541,7 @@ impl Server {
             api_addr,
             metrics_addr,
             relay_addr,
+            ca_file,
             new_admin_key,
             seam,
             routes,
@@ -590,6 +600,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     println!("iotunnel API listening on http://{}", server.api_addr);
     println!("iotunnel relay listening on {}", server.relay_addr);
+    println!(
+        "iotunnel metrics on http://{}/metrics and http://{}/metrics",
+        server.metrics_addr, server.api_addr
+    );
+    if let Some(ca) = &server.ca_file {
+        println!(
+            "iotunnel CA certificate (agents and clients trust it: --ca-file {})",
+            ca.display()
+        );
+    }
     stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;

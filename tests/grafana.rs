@@ -297,7 +297,11 @@ fn dashboard_is_valid_and_provisionable() {
         prom.contains("job_name: \"iotunnel\"") || prom.contains("job_name: iotunnel"),
         "{prom}"
     );
-    assert!(prom.contains("127.0.0.1:9100"), "{prom}");
+    // The server's default metrics address.
+    assert!(
+        prom.contains(&format!("\"{}\"", iotunnel::config::DEFAULT_METRICS_ADDR)),
+        "{prom}"
+    );
     assert!(prom.contains("scrape_interval: 15s"), "{prom}");
     assert!(prom.contains("metrics_path: /metrics"), "{prom}");
 }

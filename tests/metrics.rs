@@ -349,3 +349,124 @@ async fn relay_metrics_off_skips_per_frame_series_only() {
     drop(client);
     drop(device);
 }
+
+/// A sample's series, `name{labels}` without the value, its labels in a fixed order (a series
+/// is a set of labels: OpenMetrics writes `le` first, the text format last).
+fn series_key(sample: &str) -> String {
+    let key = sample.rsplit_once(' ').unwrap().0;
+    let Some((name, labels)) = key.split_once('{') else {
+        return key.to_string();
+    };
+    let labels = labels.strip_suffix('}').unwrap();
+    // Split at the commas between labels, not inside a quoted value.
+    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in labels.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&labels[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&labels[start..]);
+    parts.sort_unstable();
+    format!("{name}{{{}}}", parts.join(","))
+}
+
+/// Every series of an exposition in either text format.
+fn series(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(series_key)
+        .collect()
+}
+
+async fn scrape_as(addr: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
+    let mut req = reqwest::Client::new().get(format!("http://{addr}/metrics"));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success());
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    (ct, resp.text().await.unwrap())
+}
+
+/// The series this exporter had when it still wrote the text format by hand (an idle server
+/// with one shard, `tests/metrics-series.txt`): contracts for dashboards and alerts, so each
+/// one must still be exported, name, labels, label values and bucket bounds spelled alike.
+/// New series may join; none may go.
+#[tokio::test]
+async fn every_series_of_the_hand_written_exporter_is_still_exported() {
+    let t = TestServer::start_with(|s| {
+        s.relay_plaintext = true;
+        s.shards = 1;
+    })
+    .await;
+    let now = series(&scrape(&t).await);
+    let before = include_str!("metrics-series.txt");
+    assert!(
+        before.lines().count() > 600,
+        "the whole exposition is listed"
+    );
+    let missing: Vec<_> = before
+        .lines()
+        .map(|s| series_key(&format!("{s} 0")))
+        .filter(|s| !now.contains(s))
+        .collect();
+    assert!(missing.is_empty(), "no longer exported: {missing:#?}");
+}
+
+#[tokio::test]
+async fn openmetrics_is_served_when_asked_for_with_the_same_series() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let addr = t.server().metrics_addr;
+    let (ct, text) = scrape_as(addr, None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"));
+    // What Prometheus sends.
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+        version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (ct, om) = scrape_as(addr, Some(prometheus)).await;
+    assert!(
+        ct.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{ct}"
+    );
+    assert!(
+        om.ends_with("# EOF\n"),
+        "an OpenMetrics exposition ends with # EOF"
+    );
+    // OpenMetrics names a counter's family without `_total`, its samples keep it.
+    assert!(om.contains("# TYPE iotunnel_peer_connects counter\n"));
+    assert!(om.contains("# TYPE iotunnel_build info\n"));
+    let (om, text) = (series(&om), series(&text));
+    let differ: Vec<_> = om.symmetric_difference(&text).collect();
+    assert!(differ.is_empty(), "only in one format: {differ:#?}");
+    let (_, plain) = scrape_as(addr, Some("text/plain;version=0.0.4")).await;
+    assert!(!plain.contains("# EOF"));
+}
+
+#[tokio::test]
+async fn the_api_address_serves_the_same_metrics_without_counting_them_as_api_requests() {
+    let t = TestServer::start_with(|s| s.relay_plaintext = true).await;
+    let (_, on_api) = scrape_as(t.server().api_addr, None).await;
+    let (_, on_metrics) = scrape_as(t.server().metrics_addr, None).await;
+    assert_eq!(series(&on_api), series(&on_metrics));
+    assert!(on_api.contains("iotunnel_peers_connected{role=\"device\"} 0"));
+    // Scrapes of the API address are not API requests (nor unmatched ones).
+    let (_, after) = scrape_as(t.server().api_addr, None).await;
+    assert!(!after.contains("route=\"/metrics\""));
+    for status in ["200", "404"] {
+        assert_eq!(
+            value(
+                &after,
+                &format!("iotunnel_api_requests_total{{route=\"unmatched\",status=\"{status}\"}}")
+            ),
+            0.0
+        );
+    }
+}

@@ -462,7 +462,10 @@ fn scrape_config(target: &str) -> (String, String) {
     );
     let mut config = shipped.clone();
     for (from, to) in [
-        ("\"127.0.0.1:9100\"", format!("\"{target}\"")),
+        (
+            &*format!("\"{}\"", iotunnel::config::DEFAULT_METRICS_ADDR),
+            format!("\"{target}\""),
+        ),
         (
             "scrape_interval: 15s",
             format!("scrape_interval: {SCRAPE_INTERVAL}"),

@@ -27,9 +27,11 @@ const RELAY_LISTENING: &str = "iotunnel relay listening on ";
 /// The line (prefix) that carries a generated admin key.
 const ADMIN_LINE: &str = "Admin API key (shown only once;";
 
-/// A command for the binary with no `IOTUNNEL_*` variable inherited from the test's environment.
+/// A command for the binary with no `IOTUNNEL_*` variable (nor `RUST_LOG`, which the binary
+/// reads too) inherited from the test's environment.
 pub fn bin() -> Command {
     let mut c = Command::new(BIN);
+    c.env_remove("RUST_LOG");
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("IOTUNNEL_") {
             c.env_remove(k);
