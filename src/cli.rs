@@ -6,6 +6,8 @@ use serde_json::{json, Value};
 
 use crate::config::{ServerArgs, Settings};
 
+pub mod keys;
+
 /// iotunnel: secure tunnels to IoT devices that never open a port.
 #[derive(Parser, Debug)]
 #[command(name = "iotunnel", version, about)]
@@ -23,6 +25,9 @@ pub enum Command {
     /// Manage accounts (admin key only).
     #[command(subcommand)]
     Account(AccountCmd),
+    /// List, create and revoke API keys.
+    #[command(subcommand)]
+    Key(keys::KeyCmd),
     /// Manage products.
     #[command(subcommand)]
     Product(ProductCmd),
@@ -36,6 +41,9 @@ pub enum Command {
     /// Inspect the nodes of the fleet (admin key only).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Manage access key pairs, the credentials of the AWS and Alibaba SDKs.
+    #[command(subcommand)]
+    AccessKey(AccessKeyCmd),
     /// Print a shell completion script to stdout (the package installs them).
     #[command(hide = true)]
     Completions {
@@ -49,6 +57,31 @@ pub enum Command {
         /// Write every command's page into this directory [default: print iotunnel(1)].
         #[arg(long, value_name = "DIR")]
         dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// `iotunnel access-key ...`
+#[derive(Subcommand, Debug)]
+pub enum AccessKeyCmd {
+    /// Create an access key pair and print its secret (once).
+    Create {
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// List the account's access key ids.
+    List {
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
+    },
+    /// Revoke an access key: requests signed with it fail at once.
+    Delete {
+        /// The access key id.
+        access_key_id: String,
+        #[command(flatten)]
+        /// API options.
+        api: ApiOpts,
     },
 }
 
@@ -66,7 +99,7 @@ pub enum NodeCmd {
 /// How to reach the API.
 #[derive(Args, Debug, Clone)]
 pub struct ApiOpts {
-    /// Control API base URL.
+    /// Control API base URL (http:// when no scheme is given).
     #[arg(
         long,
         env = "IOTUNNEL_API",
@@ -143,7 +176,7 @@ pub enum DeviceCmd {
         #[arg(long)]
         product_key: String,
         /// Device name.
-        #[arg(long)]
+        #[arg(long = "device-name", visible_alias = "name")]
         name: String,
         #[command(flatten)]
         /// API options.
@@ -164,7 +197,7 @@ pub enum DeviceCmd {
         #[arg(long)]
         product_key: String,
         /// Device name.
-        #[arg(long)]
+        #[arg(long = "device-name", visible_alias = "name")]
         name: String,
         #[command(flatten)]
         /// API options.
@@ -360,7 +393,7 @@ impl ApiClient {
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
                 .build()?,
-            base: opts.api.trim_end_matches('/').to_string(),
+            base: crate::config::api_base_url(&opts.api)?,
             key,
             json: opts.json,
         })
@@ -400,6 +433,27 @@ impl ApiClient {
             }
         }
         Ok(value)
+    }
+
+    /// The tunnel as it stands once the relay has ended both sides: the close's answer still
+    /// shows the connections it is ending, and their end is recorded a moment later. Gives up
+    /// waiting after [`CLOSE_SETTLE`] and shows what it has.
+    async fn after_close(&self, path: &str, closed: Value) -> Value {
+        let settled = |v: &Value| {
+            ["/device/state", "/client/state"]
+                .iter()
+                .all(|p| v.pointer(p).and_then(Value::as_str) != Some("CONNECTED"))
+        };
+        let mut latest = closed;
+        let deadline = tokio::time::Instant::now() + CLOSE_SETTLE;
+        while !settled(&latest) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            match self.call(reqwest::Method::GET, path, None).await {
+                Ok(v) => latest = v,
+                Err(_) => break,
+            }
+        }
+        latest
     }
 
     /// Prints `value` as JSON, or as a table of `columns` over `rows`.
@@ -468,6 +522,10 @@ fn enc(s: &str) -> String {
         })
         .collect()
 }
+
+/// How long `tunnel close` waits for the relay to report both sides disconnected: the relay
+/// ends them at once, and its events are persisted in batches well within this.
+const CLOSE_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 const TUNNEL_COLUMNS: &[(&str, &str)] = &[
     ("TUNNEL ID", "/tunnel_id"),
@@ -594,6 +652,7 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
                 &[
                     ("DEVICE", "/device_name"),
                     ("ONLINE", "/online"),
+                    ("OPEN TUNNELS", "/open_tunnels"),
                     ("CREATED", "/created_at"),
                 ],
             );
@@ -615,6 +674,51 @@ async fn api_command(cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Tunnel(cmd) => tunnel_command(cmd).await?,
+        Command::Key(cmd) => keys::run(cmd).await?,
+        Command::AccessKey(cmd) => access_key_command(cmd).await?,
+    }
+    Ok(())
+}
+
+async fn access_key_command(cmd: AccessKeyCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match cmd {
+        AccessKeyCmd::Create { api } => {
+            let c = ApiClient::new(api)?;
+            let v = c
+                .call(Method::POST, "/v1/access-keys", Some(json!({})))
+                .await?;
+            c.print(
+                &v,
+                std::slice::from_ref(&v),
+                &[
+                    ("ACCESS KEY ID", "/access_key_id"),
+                    ("SECRET ACCESS KEY (shown once)", "/secret_access_key"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        AccessKeyCmd::List { api } => {
+            let c = ApiClient::new(api)?;
+            let v = c.call(Method::GET, "/v1/access-keys", None).await?;
+            let rows = v["access_keys"].as_array().cloned().unwrap_or_default();
+            c.print(
+                &v,
+                &rows,
+                &[
+                    ("ACCESS KEY ID", "/access_key_id"),
+                    ("CREATED", "/created_at"),
+                ],
+            );
+        }
+        AccessKeyCmd::Delete { access_key_id, api } => {
+            let c = ApiClient::new(api)?;
+            let path = format!("/v1/access-keys/{}", enc(&access_key_id));
+            c.call(Method::DELETE, &path, None).await?;
+            if !c.json {
+                println!("access key {access_key_id} revoked");
+            }
+        }
     }
     Ok(())
 }
@@ -725,13 +829,9 @@ async fn tunnel_command(cmd: TunnelCmd) -> anyhow::Result<()> {
         }
         TunnelCmd::Close { id, api } => {
             let c = ApiClient::new(api)?;
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/tunnels/{}/close", enc(&id)),
-                    None,
-                )
-                .await?;
+            let path = format!("/v1/tunnels/{}", enc(&id));
+            let closed = c.call(Method::POST, &format!("{path}/close"), None).await?;
+            let v = c.after_close(&path, closed).await;
             c.print(&v, std::slice::from_ref(&v), TUNNEL_COLUMNS);
         }
         TunnelCmd::Delete { id, api } => {
@@ -763,4 +863,75 @@ async fn tunnel_command(cmd: TunnelCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("iotunnel").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn relay_metrics_takes_on_and_off_as_its_help_says() {
+        let metrics = |value: &str| match parse(&["server", "--relay-metrics", value]) {
+            Ok(Cli {
+                command: Command::Server(args),
+            }) => Ok(args.knobs.relay_metrics),
+            Ok(_) => panic!("not the server command"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(metrics("on"), Ok(Some(true)));
+        assert_eq!(metrics("off"), Ok(Some(false)));
+        // Still accepted from before: true/false.
+        assert_eq!(metrics("true"), Ok(Some(true)));
+        assert_eq!(metrics("false"), Ok(Some(false)));
+        let e = metrics("maybe").unwrap_err();
+        assert!(e.contains("[possible values: on, off]"), "{e}");
+    }
+
+    #[test]
+    fn device_commands_take_device_name_and_keep_name() {
+        for flag in ["--device-name", "--name"] {
+            for sub in ["create", "delete"] {
+                let cli = parse(&["device", sub, "--product-key", "pk", flag, "cam-1"])
+                    .unwrap_or_else(|e| panic!("device {sub} {flag}: {e}"));
+                let name = match cli.command {
+                    Command::Device(DeviceArgs {
+                        cmd: Some(DeviceCmd::Create { name, .. } | DeviceCmd::Delete { name, .. }),
+                        ..
+                    }) => name,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(name, "cam-1");
+            }
+        }
+    }
+
+    #[test]
+    fn agent_services_refuse_what_they_cannot_mean() {
+        let agent = |service: &str| {
+            parse(&[
+                "device",
+                "--product-key",
+                "pk",
+                "--device-name",
+                "d",
+                "--service",
+                service,
+            ])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(agent("SSH=127.0.0.1:22"), Ok(()));
+        for (bad, why) in [
+            ("SSH=127.0.0.1:99999", "1 to 65535"),
+            ("A=h:1,B=h:2", "one address only"),
+            ("SSH", "NAME=HOST:PORT"),
+        ] {
+            let e = agent(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

@@ -185,9 +185,8 @@ pub struct Knobs {
     /// Most tunnels with per-tunnel series [default: 1000].
     #[arg(long, env = "IOTUNNEL_METRICS_PER_TUNNEL_MAX")]
     pub metrics_per_tunnel_max: Option<usize>,
-    /// Record the relay's per-frame metrics (bytes, frames, forwarding latency): on|off
-    /// [default: on].
-    #[arg(long, env = "IOTUNNEL_RELAY_METRICS", value_parser = clap::builder::BoolishValueParser::new())]
+    /// Record the relay's per-frame metrics (bytes, frames, forwarding latency) [default: on].
+    #[arg(long, env = "IOTUNNEL_RELAY_METRICS", value_name = "on|off", value_parser = on_off())]
     pub relay_metrics: Option<bool>,
     /// PostgreSQL URL (`postgres://user@host/db?sslmode=require&sslrootcert=ca.pem`): run as
     /// a node of a fleet sharing that database [default: SQLite in the data dir, one node].
@@ -205,12 +204,22 @@ pub struct Knobs {
     /// [default: --mesh-addr, with the public relay host for an unspecified IP].
     #[arg(long, env = "IOTUNNEL_PUBLIC_MESH_ADDR")]
     pub public_mesh_addr: Option<String>,
+    /// Key sealing access-key secrets in the database, 64 hex digits; every node of a fleet
+    /// needs the same one [default: one node: generated into {data-dir}/access-key.key; a
+    /// fleet: none, and access keys are refused].
+    #[arg(long, env = "IOTUNNEL_ACCESS_KEY_ENCRYPTION_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub access_key_encryption_key: Option<Secret>,
     /// Fleet heartbeat interval, ms [default: 1000].
     #[arg(long, env = "IOTUNNEL_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
     /// A node without a heartbeat for this long is dead, ms [default: 5000].
     #[arg(long, env = "IOTUNNEL_NODE_DEAD_AFTER_MS")]
     pub node_dead_after_ms: Option<u64>,
+    /// Keep the API keys earlier starts took from IOTUNNEL_ADMIN_KEY valid [default: a start
+    /// with an IOTUNNEL_ADMIN_KEY revokes them].
+    #[arg(long, env = "IOTUNNEL_KEEP_PREVIOUS_ADMIN_KEYS", num_args = 0..=1,
+        default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub keep_previous_admin_keys: Option<bool>,
 }
 
 /// Parses a secret flag value.
@@ -260,7 +269,9 @@ impl Knobs {
             mesh_addr,
             public_mesh_addr,
             heartbeat_interval_ms,
-            node_dead_after_ms
+            node_dead_after_ms,
+            keep_previous_admin_keys,
+            access_key_encryption_key
         )
     }
 }
@@ -338,6 +349,61 @@ pub fn host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+/// A switch flag's parser: `on` or `off` (and, as before, true/false, yes/no, 1/0).
+fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new([
+        PossibleValue::new("on").aliases(["true", "yes", "1"]),
+        PossibleValue::new("off").aliases(["false", "no", "0"]),
+    ])
+    .map(|v| matches!(v.as_str(), "on" | "true" | "yes" | "1"))
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6), checking that the port is 1 to 65535 and that
+/// the text is one address (no list, no scheme, no path).
+pub fn split_host_port(text: &str) -> Result<(String, u16), String> {
+    let bad = |why: &str| Err(format!("{text:?} is not HOST:PORT: {why}"));
+    if text.contains(',') {
+        return bad("one address only (repeat the flag for more)");
+    }
+    if text.contains('/') || text.contains('=') || text.chars().any(char::is_whitespace) {
+        return bad("unexpected characters");
+    }
+    let (host, port) = match text.strip_prefix('[') {
+        Some(v6) => match v6.split_once("]:") {
+            Some(parts) => parts,
+            None => return bad("expected [IPv6]:PORT"),
+        },
+        None => match text.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return bad("put an IPv6 address in brackets: [::1]:22")
+            }
+            Some(parts) => parts,
+            None => return bad("no port"),
+        },
+    };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((host.to_string(), p)),
+        _ => bad("the port must be a number from 1 to 65535"),
+    }
+}
+
+/// The control API's base URL from `--api`: `http://` when no scheme is given
+/// (`127.0.0.1:8080`), no trailing slash; a scheme other than http(s) is refused.
+pub fn api_base_url(text: &str) -> anyhow::Result<String> {
+    let text = text.trim();
+    let (scheme, rest) = text.split_once("://").unwrap_or(("http", text));
+    let rest = rest.trim_end_matches('/');
+    match scheme {
+        _ if rest.is_empty() => bail!("--api names no host: {text:?}"),
+        "http" | "https" => Ok(format!("{scheme}://{rest}")),
+        _ => bail!("--api must be http://HOST:PORT or https://HOST:PORT, not {text:?}"),
     }
 }
 
@@ -435,15 +501,7 @@ impl MqttSettings {
         }
         let thing_template =
             thing_template.unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
-        let sample = thing_template
-            .replace("{product_key}", "p")
-            .replace("{device_name}", "d");
-        if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
-            bail!(
-                "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
-                 {{device_name}}, and no '/', '+' or '#'"
-            );
-        }
+        validate_thing_template(&thing_template)?;
         Ok(Some(Self {
             url,
             username,
@@ -459,6 +517,29 @@ impl MqttSettings {
             .replace("{product_key}", product_key)
             .replace("{device_name}", device_name)
     }
+}
+
+/// Refuses a thing-name template with anything but `{product_key}`, `{device_name}` and
+/// characters allowed in an MQTT topic level.
+fn validate_thing_template(thing_template: &str) -> anyhow::Result<()> {
+    let sample = thing_template
+        .replace("{product_key}", "p")
+        .replace("{device_name}", "d");
+    if sample.is_empty() || sample.contains(['{', '}', '/', '+', '#']) {
+        bail!(
+            "mqtt_thing_template {thing_template:?} may use only {{product_key}} and \
+             {{device_name}}, and no '/', '+' or '#'"
+        );
+    }
+    Ok(())
+}
+
+/// A 256-bit key written as 64 hex digits.
+pub fn parse_key32(text: &str) -> anyhow::Result<[u8; 32]> {
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .context("access_key_encryption_key must be 64 hex digits (32 bytes)")
 }
 
 /// Validated server settings.
@@ -530,6 +611,14 @@ pub struct Settings {
     pub heartbeat_interval_ms: u64,
     /// Silence after which a node is dead, ms.
     pub node_dead_after_ms: u64,
+    /// Keep the keys earlier starts took from `IOTUNNEL_ADMIN_KEY` (else a start with one
+    /// revokes them).
+    pub keep_previous_admin_keys: bool,
+    /// The AWS thing name of a device (MQTT topics, the AWS facade's `thingName`).
+    pub thing_template: String,
+    /// The access-key sealing key, 64 hex digits, validated (None: from the data dir on one
+    /// node, none in a fleet).
+    pub access_key_encryption_key: Option<Secret>,
 }
 
 impl Settings {
@@ -568,6 +657,15 @@ impl Settings {
                 port: relay_addr.port(),
             },
         };
+        let thing_template = k
+            .mqtt_thing_template
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MQTT_THING_TEMPLATE.to_string());
+        validate_thing_template(&thing_template)?;
+        if let Some(key) = &k.access_key_encryption_key {
+            parse_key32(&key.0)?;
+        }
+        let access_key_encryption_key = k.access_key_encryption_key.clone();
         let mqtt = MqttSettings::from_knobs(
             k.mqtt_url,
             k.mqtt_username,
@@ -646,6 +744,9 @@ impl Settings {
                 .heartbeat_interval_ms
                 .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS),
             node_dead_after_ms: k.node_dead_after_ms.unwrap_or(DEFAULT_NODE_DEAD_AFTER_MS),
+            keep_previous_admin_keys: k.keep_previous_admin_keys.unwrap_or(false),
+            thing_template,
+            access_key_encryption_key,
         };
         settings.validate()?;
         Ok(settings)
@@ -729,6 +830,47 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ports_and_api_urls() {
+        assert_eq!(
+            split_host_port("127.0.0.1:22"),
+            Ok(("127.0.0.1".into(), 22))
+        );
+        assert_eq!(split_host_port("[::1]:8080"), Ok(("::1".into(), 8080)));
+        assert_eq!(
+            split_host_port("cam.local:65535"),
+            Ok(("cam.local".into(), 65535))
+        );
+        for bad in [
+            "h:99999",
+            "h:0",
+            "h:-1",
+            "h:",
+            ":22",
+            "h",
+            "h:1,B=h:2",
+            "::1:22",
+            "[::1]22",
+            "h:22/x",
+            "http://h:22",
+        ] {
+            let e = split_host_port(bad).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        assert_eq!(
+            api_base_url("127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            api_base_url("https://api.example/").unwrap(),
+            "https://api.example"
+        );
+        assert_eq!(api_base_url("http://h:1").unwrap(), "http://h:1");
+        for bad in ["ftp://h:1", "", "http://"] {
+            assert!(api_base_url(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn example_config_parses() {

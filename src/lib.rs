@@ -22,6 +22,10 @@
 //! - **Leader**: the node holding the `leader` lease; it sweeps lifecycles and re-places the
 //!   tunnels of dead nodes.
 //! - **Bus**: messages between nodes through the store (PostgreSQL LISTEN/NOTIFY).
+//! - **Access key**: an account's key id and secret that vendor SDKs sign requests with (AWS
+//!   SigV4, Alibaba's signatures); the secret is stored only sealed under the server's key.
+//! - **Facade**: a vendor's control API (AWS IoT Secure Tunneling, Alibaba IoT) served over
+//!   the same control plane on `POST /`.
 //!
 //! The crate is two planes in one binary: the control plane ([`control`], [`store`]) and the
 //! data plane (the relay, which plugs into [`seam`]).
@@ -35,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod mqtt;
 pub mod proto;
 pub mod relay;
 pub mod seam;

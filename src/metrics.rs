@@ -42,6 +42,25 @@ pub const API_ROUTES: &[&str] = &[
     "/v1/tunnels/batch-delete",
     "/v1/tunnels/{id}/rotate",
     "/v1/device/connect",
+    "/v1/access-keys",
+    "/v1/access-keys/{access_key_id}",
+    "aws:OpenTunnel",
+    "aws:CloseTunnel",
+    "aws:DescribeTunnel",
+    "aws:ListTunnels",
+    "aws:RotateTunnelAccessToken",
+    "aws:TagResource",
+    "aws:UntagResource",
+    "aws:ListTagsForResource",
+    "aws:unknown",
+    "aliyun:CreateDeviceTunnel",
+    "aliyun:CloseDeviceTunnel",
+    "aliyun:DeleteDeviceTunnel",
+    "aliyun:QueryDeviceTunnel",
+    "aliyun:EnableDeviceTunnel",
+    "aliyun:DisableDeviceTunnel",
+    "aliyun:GetDeviceTunnelStatus",
+    "aliyun:unknown",
     "/healthz",
     "/readyz",
     "/openapi.json",
@@ -49,7 +68,7 @@ pub const API_ROUTES: &[&str] = &[
 ];
 
 /// The statuses the API answers in the normal course, each exported from start-up per route.
-pub const API_STATUSES: &[u16] = &[200, 201, 204, 400, 401, 404, 409, 413, 429, 500, 503];
+pub const API_STATUSES: &[u16] = &[200, 201, 204, 400, 401, 403, 404, 409, 413, 429, 500, 503];
 
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("static bounds are valid")
@@ -99,6 +118,11 @@ impl ApiMetrics {
     }
 }
 
+/// A response's route label when the matched path does not name the operation (the vendor
+/// facades all live on `POST /`): one of [`API_ROUTES`].
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
 /// Middleware recording `iotunnel_api_*` by route template.
 pub async fn track_api(
     State(metrics): State<Arc<ApiMetrics>>,
@@ -111,6 +135,10 @@ pub async fn track_api(
         .map_or("unmatched".to_string(), |m| m.as_str().to_string());
     let start = Instant::now();
     let resp = next.run(req).await;
+    let route = match resp.extensions().get::<RouteLabel>() {
+        Some(label) => label.0.to_string(),
+        None => route,
+    };
     metrics.record(&route, resp.status().as_u16(), start.elapsed());
     resp
 }

@@ -4,19 +4,20 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::control::access_keys::Sealer;
 use crate::control::fleet::{self, Fleet};
 use crate::control::{api, lifecycle, mqtt, ControlPlane};
 use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, TunnelIndex};
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{NodeRecord, Store, StoreError};
+use crate::store::{KeyOrigin, NewApiKey, NodeRecord, Store, StoreError};
 use crate::{tls, token};
 
 /// Connection events buffered between the data plane and the persister; beyond this the relay
@@ -144,6 +145,26 @@ async fn install_fleet_ca(store: &dyn Store, data_dir: &Path) -> anyhow::Result<
     tls::install_ca(data_dir, &ca.cert, &ca.key)
 }
 
+/// The access-key encryption key: the configured one, else on a single node one generated
+/// into the data dir; a fleet node without one gets none (each node would make its own).
+fn load_access_key_key(settings: &Settings, shared: bool) -> anyhow::Result<Option<[u8; 32]>> {
+    if let Some(key) = &settings.access_key_encryption_key {
+        return crate::config::parse_key32(&key.0).map(Some);
+    }
+    if shared {
+        return Ok(None);
+    }
+    let path = settings.data_dir.join("access-key.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let key = crate::config::parse_key32(&text)
+            .with_context(|| format!("{} is corrupt", path.display()))?;
+        return Ok(Some(key));
+    }
+    let key = token::random_bytes::<32>();
+    tls::write_private(&path, &hex::encode(key))?;
+    Ok(Some(key))
+}
+
 /// The key device tokens are derived from, created on first start.
 fn load_token_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
     let path = dir.join("token.key");
@@ -158,51 +179,87 @@ fn load_token_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
     Ok(key)
 }
 
-/// Ensures the admin account exists and `IOTUNNEL_ADMIN_KEY` (if set) is one of its keys.
-/// Returns the generated key when this start created the account without one.
+/// The admin account's id, the same on every node of a fleet.
+const ADMIN_ACCOUNT: &str = "acc_admin";
+
+/// Ensures the admin account exists and `IOTUNNEL_ADMIN_KEY` (if set) is one of its keys; unless
+/// `keep_previous_admin_keys`, the keys earlier starts took from `IOTUNNEL_ADMIN_KEY` are then
+/// revoked. Returns the generated key when this start created the account without one.
 async fn ensure_admin(
     store: &dyn Store,
     settings: &Settings,
     now: i64,
 ) -> anyhow::Result<Option<String>> {
     let given = settings.admin_key.as_ref().map(|k| k.0.clone());
-    match store.admin_account().await? {
-        Some(admin) => {
-            if let Some(key) = &given {
-                store
-                    .add_api_key(admin.id, token::hash_secret(key), now)
-                    .await?;
-            }
-            Ok(None)
-        }
+    let key = given
+        .clone()
+        .unwrap_or_else(|| format!("itk_{}", token::random_secret()));
+    let new_key = NewApiKey {
+        id: token::new_key_id(),
+        account_id: ADMIN_ACCOUNT.into(),
+        name: if given.is_some() {
+            "IOTUNNEL_ADMIN_KEY".into()
+        } else {
+            "generated at first start".into()
+        },
+        origin: if given.is_some() {
+            KeyOrigin::Env
+        } else {
+            KeyOrigin::Generated
+        },
+        key_hash: token::hash_secret(&key),
+        created_at: now,
+    };
+    let admin = match store.admin_account().await? {
+        Some(admin) => admin,
         None => {
-            let key = given
-                .clone()
-                .unwrap_or_else(|| format!("itk_{}", token::random_secret()));
             let created = store
-                .create_account(
-                    "acc_admin".into(),
-                    "admin".into(),
-                    true,
-                    token::hash_secret(&key),
-                    now,
-                )
+                .create_account(ADMIN_ACCOUNT.into(), "admin".into(), true, new_key.clone())
                 .await;
             match created {
-                Ok(_) => Ok(if given.is_none() { Some(key) } else { None }),
-                // Another node of the fleet created it first: the given key joins it.
-                Err(StoreError::AlreadyExists) => {
-                    if let Some(key) = &given {
-                        store
-                            .add_api_key("acc_admin".into(), token::hash_secret(key), now)
-                            .await?;
-                    }
-                    Ok(None)
-                }
-                Err(e) => Err(e.into()),
+                Ok(_) if given.is_none() => return Ok(Some(key)),
+                Ok(admin) => admin,
+                // Another node of the fleet created it first: the given key joins it below.
+                Err(StoreError::AlreadyExists) => store
+                    .admin_account()
+                    .await?
+                    .context("the admin account exists but cannot be read")?,
+                Err(e) => return Err(e.into()),
             }
         }
+    };
+    if given.is_none() {
+        return Ok(None);
     }
+    let stored = store
+        .add_api_key(NewApiKey {
+            account_id: admin.id.clone(),
+            ..new_key
+        })
+        .await?;
+    if stored.account_id != admin.id {
+        bail!(
+            "IOTUNNEL_ADMIN_KEY is an API key of account {}, not of the admin",
+            stored.account_id
+        );
+    }
+    if let Some(at) = stored.revoked_at {
+        bail!(
+            "IOTUNNEL_ADMIN_KEY was revoked at {} (key {}): start with a new one",
+            crate::clock::rfc3339(at),
+            stored.id
+        );
+    }
+    if !settings.keep_previous_admin_keys {
+        let retired = store
+            .retire_api_keys(admin.id, KeyOrigin::Env, stored.id, now)
+            .await?;
+        for k in &retired {
+            tracing::info!(key_id = %k.id, "revoked the IOTUNNEL_ADMIN_KEY of an earlier start \
+                (--keep-previous-admin-keys keeps it)");
+        }
+    }
+    Ok(None)
 }
 
 async fn persist_events(
@@ -290,6 +347,7 @@ impl Server {
         };
         // Fleet-wide secrets live in the shared database: a token or certificate from one node
         // is valid on all. A single node keeps its token key in the data dir, as it always did.
+        let access_key_encryption_key = load_access_key_key(&settings, shared)?;
         let token_key = if shared {
             fleet_key(store.as_ref(), "token_key").await?
         } else {
@@ -383,6 +441,13 @@ impl Server {
         );
         if let Some(n) = notifier {
             control = control.with_mqtt(n);
+        }
+        match access_key_encryption_key {
+            Some(key) => control = control.with_access_keys(Sealer::new(&key)),
+            None => tracing::warn!(
+                "no --access-key-encryption-key on this fleet node: access keys and the \
+                 vendor APIs (AWS, Alibaba) are refused"
+            ),
         }
         let control = Arc::new(control);
         let (shutdown, shutdown_rx) = watch::channel(false);

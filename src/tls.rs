@@ -8,15 +8,78 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 /// The one server name of every node's mesh certificate, which forwarding nodes verify: the
 /// mesh trusts the fleet CA, not the addresses nodes advertise.
 pub const MESH_SERVER_NAME: &str = "iotunnel-mesh";
+
+/// What to do when a server's certificate comes from a CA this program does not trust: the
+/// relay of a server with its own CA (the default) is trusted only through `--ca-file`.
+pub const CA_FILE_HINT: &str = "pass --ca-file with the server's CA certificate: the server \
+keeps it in its data dir as tls/ca.pem (./iotunnel-data/tls/ca.pem by default, or \
+{--data-dir}/tls/ca.pem); copy that file to this machine";
+
+/// A TLS client configuration trusting the certificates in `ca_file` (PEM), or else the public
+/// web PKI roots. ring only: another crate in the graph may enable a second provider.
+pub fn client_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+            for cert in certs {
+                let cert =
+                    cert.with_context(|| format!("bad certificate in {}", path.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("unusable CA certificate in {}", path.display()))?;
+            }
+            if roots.is_empty() {
+                bail!("no certificate in the CA file {}", path.display());
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Whether `e`, or an error under it, is a server certificate from a CA we do not trust.
+pub fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) =
+            e.downcast_ref::<rustls::Error>()
+        {
+            return true;
+        }
+        // io::Error's source() skips the error it wraps: look inside it first.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if is_unknown_issuer(inner) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
 
 /// Paths of the generated TLS files.
 #[derive(Debug, Clone)]

@@ -75,6 +75,11 @@ pub fn new_tunnel_id() -> String {
     )
 }
 
+/// An API key's public id: 64 random bits, enough to never collide among one fleet's keys.
+pub fn new_key_id() -> String {
+    format!("key_{}", hex::encode(random_bytes::<8>()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

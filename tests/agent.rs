@@ -300,6 +300,178 @@ async fn stdio_mode_carries_one_connection() {
     assert!(out.status.success(), "stderr: {}", stderr(&out));
 }
 
+/// Creates a tunnel for `services`, retrying while the agent's report of its services may
+/// still be on its way; returns the first answer that is not a 201 (closing the 201s).
+async fn create_until_refused(t: &TestServer, d: &Device, services: &[&str]) -> Value {
+    for _ in 0..500 {
+        let body =
+            json!({ "product_key": d.product_key, "device_name": "dev-1", "services": services });
+        let (s, v) = t.post("/v1/tunnels", &d.key, body).await;
+        if s != StatusCode::CREATED {
+            assert_eq!(s, StatusCode::CONFLICT, "{v}");
+            return v;
+        }
+        let id = v["tunnel_id"].as_str().unwrap();
+        t.post(&format!("/v1/tunnels/{id}/close"), &d.key, json!({}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server never refused services {services:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reports_its_services_and_a_refused_stream_says_why() {
+    let t = server().await;
+    let echo = echo_server().await;
+    let dead = closed_port().await;
+    let d = device(
+        &t,
+        &[("HTTP", echo.to_string()), ("DEAD", dead.to_string())],
+    )
+    .await;
+    let v = create_until_refused(&t, &d, &["SSH"]).await;
+    assert_eq!(v["error"]["code"], "unknown_service", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("DEAD, HTTP"), "{msg}");
+
+    // A service the agent maps to an address where nothing listens: the device refuses the
+    // connection and says why; the stdio client prints it and fails.
+    let (_, url, token) = tunnel(&t, &d, &["DEAD"]).await;
+    // stdin stays open, as ssh keeps it: the refusal, not an EOF, ends the client.
+    let mut child = client_command(&t, &url, &token)
+        .args(["--stdio", "DEAD"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin = child.stdin.take();
+    let out = finished("a refused stdio client exits", child).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the device refused the connection to DEAD")
+            && err.contains(&format!("cannot connect to DEAD at {dead}")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_for_a_service_the_agent_does_not_map_fails_its_client_with_why() {
+    let t = server().await;
+    // The tunnel is created while the device's services are unknown (its channel did not
+    // report them, as an older agent would not), then an agent that maps only HTTP serves it.
+    let key = t.account("acme").await;
+    let pk = t.product(&key).await;
+    let secret = t.device(&key, &pk, "dev-1").await;
+    let old = common::DeviceChannel::connect(&t, &pk, "dev-1", &secret)
+        .await
+        .unwrap();
+    let body = json!({ "product_key": pk, "device_name": "dev-1", "services": ["SSH"] });
+    let (s, v) = t.post("/v1/tunnels", &key, body).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (url, token) = (
+        v["client_url"].as_str().unwrap().to_string(),
+        v["client_token"].as_str().unwrap().to_string(),
+    );
+    old.close().await;
+    let mut options = device::AgentOptions::from(device::AgentArgs {
+        api_url: t.base.clone(),
+        product_key: Some(pk.clone()),
+        device_name: Some("dev-1".into()),
+        device_secret: Some(Secret(secret)),
+    });
+    options.relay.services = vec![("HTTP".into(), echo_server().await.to_string())];
+    options.relay.ca_file = Some(ca(&t));
+    let agent = tokio::spawn(device::run(options));
+
+    // stdin stays open, as ssh keeps it: the refusal, not an EOF, ends the client.
+    let mut child = client_command(&t, &url, &token)
+        .args(["--stdio", "SSH"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin = child.stdin.take();
+    let out = finished("the client of an unmapped service exits", child).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the device refused the connection to SSH")
+            && err.contains("no service \"SSH\" (it maps HTTP")
+            && err.contains("--service SSH=HOST:PORT"),
+        "{err}"
+    );
+    agent.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_ca_file_the_client_says_which_one_to_pass() {
+    let t = server().await;
+    let d = device(&t, &[("SSH", echo_server().await.to_string())]).await;
+    let (_, url, token) = tunnel(&t, &d, &["SSH"]).await;
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["client", "--url", &url, "--listen", "127.0.0.1:0"])
+        .env("IOTUNNEL_TOKEN", &token)
+        .env_remove("IOTUNNEL_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = finished(
+        "a client that does not trust the relay exits",
+        cmd.spawn().unwrap(),
+    )
+    .await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("UnknownIssuer")
+            && err.contains("--ca-file")
+            && err.contains("./iotunnel-data/tls/ca.pem"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_both_sides_disconnected_after_a_close() {
+    let t = server().await;
+    let echo = echo_server().await;
+    let d = device(&t, &[("SSH", echo.to_string())]).await;
+    let (id, url, token) = tunnel(&t, &d, &["SSH"]).await;
+    let c = start_client(&t, &url, &token, &["127.0.0.1:0"]).await;
+    let mut conn = connect(listening(&c, "SSH")).await;
+    echo_through(&mut conn, 1000, 4).await;
+    wait_side(&t, &d, &id, "client", "CONNECTED").await;
+    wait_side(&t, &d, &id, "device", "CONNECTED").await;
+    // `--api` without a scheme: http:// is meant.
+    let api = t.base.trim_start_matches("http://");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "tunnel",
+            "close",
+            &id,
+            "--api",
+            api,
+            "--api-key",
+            &d.key,
+            "--json",
+        ])
+        .env_remove("IOTUNNEL_API")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["device"]["state"].as_str(),
+            v["client"]["state"].as_str()
+        ),
+        (Some("CLOSED"), Some("DISCONNECTED"), Some("DISCONNECTED")),
+        "{v}"
+    );
+}
+
 /// A TCP proxy in front of the relay whose connections the test can cut at once.
 struct CutProxy {
     pipes: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,

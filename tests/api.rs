@@ -681,6 +681,9 @@ async fn openapi_document_matches_the_routes() {
     let paths = doc["paths"].as_object().unwrap();
     let expected = [
         ("/v1/accounts", "post"),
+        ("/v1/keys", "get"),
+        ("/v1/keys", "post"),
+        ("/v1/keys/{key_id}", "delete"),
         ("/v1/products", "post"),
         ("/v1/products", "get"),
         ("/v1/products/{product_key}/devices", "post"),
@@ -711,7 +714,8 @@ async fn openapi_document_matches_the_routes() {
             let concrete = path
                 .replace("{product_key}", "x")
                 .replace("{device_name}", "y")
-                .replace("{id}", "z");
+                .replace("{id}", "z")
+                .replace("{key_id}", "k");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let (s, v) = t.call(m, &concrete, &key, None).await;
             assert!(

@@ -270,20 +270,40 @@ async fn the_secure_tunnel_page_runs_the_whole_flow_in_chromium() {
         out.display()
     );
 
-    // What the page did is what the API holds: of the four tunnels made in the dialog only the
-    // OPEN one is left (with the five made for pagination), and the client started with the
-    // token from the dialog was cut off when its tunnel closed.
+    // What the page did is what the API holds: of the four tunnels made in the dialog only one
+    // was left (with the five made for pagination), and deleting cam-1 closed those six; cam-2
+    // stays. The client started with the token from the dialog was cut off when its tunnel
+    // closed, and the agent stopped when its device was deleted.
     let (_, v) = t.get("/v1/tunnels", &key).await;
     let tunnels = v["tunnels"].as_array().unwrap();
     assert_eq!(tunnels.len(), 6, "{v}");
-    assert!(tunnels.iter().all(|t| t["state"] == "OPEN"), "{v}");
+    assert!(
+        tunnels
+            .iter()
+            .all(|t| t["state"] == "CLOSED" && t["close_reason"] == "device_deleted"),
+        "{v}"
+    );
     let (_, v) = t.get("/v1/products", &key).await;
     assert_eq!(
         v["products"][0]["name"],
         "Cameras <img src=x onerror=\"window.__xss=1\">"
     );
+    let pk = v["products"][0]["product_key"].as_str().unwrap();
+    let (_, v) = t.get(&format!("/v1/products/{pk}/devices"), &key).await;
+    let names: Vec<_> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cam-2"]);
     let kinds: Vec<_> = started.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(kinds, ["device", "client"]);
+    let agent = &mut started[0].1;
+    tokio::time::timeout(Duration::from_secs(20), agent.wait())
+        .await
+        .expect("the agent stops once its device is deleted")
+        .unwrap();
     let client = &mut started[1].1;
     let exit = tokio::time::timeout(Duration::from_secs(20), client.wait())
         .await
@@ -294,6 +314,8 @@ async fn the_secure_tunnel_page_runs_the_whole_flow_in_chromium() {
         "01-signin",
         "09-list-live",
         "18-mobile-tunnels",
+        "20b-mobile-device-command",
+        "20d-device-delete-confirm",
         "21-signed-out",
     ] {
         assert!(

@@ -2,9 +2,11 @@
 mod common;
 
 use common::*;
+use futures_util::SinkExt;
 use iotunnel::clock::Clock;
 use reqwest::StatusCode;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 async fn setup(t: &TestServer) -> (String, String, String) {
     let key = t.account("a").await;
@@ -306,28 +308,133 @@ async fn the_agent_keeps_the_channel_up_and_stops_when_its_device_is_deleted() {
 }
 
 #[tokio::test]
-async fn the_agent_retries_until_the_server_answers() {
+async fn the_agent_exits_on_a_wrong_secret_with_one_clear_line() {
     use iotunnel::agent::device::{run, AgentArgs};
     use iotunnel::config::Secret;
     let t = TestServer::start().await;
     let (key, pk, _secret) = setup(&t).await;
-    // A wrong secret is refused (401) again and again; the agent keeps trying and never exits.
+    // Authentication does not heal by retrying: the first 401 ends the agent.
     let args = AgentArgs {
         api_url: t.base.clone(),
         product_key: Some(pk.clone()),
         device_name: Some("dev-1".into()),
         device_secret: Some(Secret("wrong".into())),
     };
-    let agent = tokio::spawn(run(args));
-    let r = tokio::time::timeout(std::time::Duration::from_millis(1500), async {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            if agent.is_finished() {
-                break;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), run(args))
+        .await
+        .expect("the agent gives up on a refused secret");
+    let e = format!("{:#}", ended.unwrap_err());
+    assert!(
+        e.contains("HTTP 401") && e.contains("invalid_signature") && e.contains("device secret"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "one line: {e}");
+    t.wait_online(&key, &pk, "dev-1", false).await;
+}
+
+/// A front for `target` whose first connections fail as an unreachable or restarting server
+/// would: the first is answered 503, the second is cut; later ones are carried through.
+async fn flaky_front(target: std::net::SocketAddr) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut down, _)) = listener.accept().await {
+            n += 1;
+            match n {
+                1 => {
+                    let _ = down
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                }
+                2 => drop(down),
+                _ => {
+                    tokio::spawn(async move {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    });
+                }
             }
         }
-    })
-    .await;
-    assert!(r.is_err(), "the agent must not exit on a refused channel");
-    t.wait_online(&key, &pk, "dev-1", false).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_agent_retries_network_errors_and_5xx_until_the_server_answers() {
+    use iotunnel::agent::device::{run, AgentArgs};
+    use iotunnel::config::Secret;
+    let t = TestServer::start().await;
+    let (key, pk, secret) = setup(&t).await;
+    let target = t.base.trim_start_matches("http://").parse().unwrap();
+    let front = flaky_front(target).await;
+    let args = AgentArgs {
+        // No scheme: http:// is meant.
+        api_url: front.to_string(),
+        product_key: Some(pk.clone()),
+        device_name: Some("dev-1".into()),
+        device_secret: Some(Secret(secret)),
+    };
+    let agent = tokio::spawn(run(args));
+    t.wait_online(&key, &pk, "dev-1", true).await;
+    assert!(!agent.is_finished());
+    agent.abort();
+}
+
+#[tokio::test]
+async fn reported_services_gate_tunnel_create_and_unreported_ones_allow_any() {
+    let t = TestServer::start().await;
+    let mut f = t.online_device().await;
+    let body = |services: &[&str]| json!({ "product_key": f.product_key, "device_name": "dev-1", "services": services });
+    // No report yet (an agent of an older version): any service may be tunnelled.
+    let (s, v) = t.post("/v1/tunnels", &f.key, body(&["RDP"])).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(f.channel.next_json().await["operation"], "connect");
+
+    // Messages the server does not know are ignored, and the channel stays up.
+    for text in [r#"{"operation":"telemetry","x":1}"#, "not json", "{}"] {
+        f.channel
+            .ws
+            .send(Message::Text(text.to_string().into()))
+            .await
+            .unwrap();
+    }
+    let report = r#"{"operation":"services","services":["SSH","HTTP"]}"#;
+    f.channel
+        .ws
+        .send(Message::Text(report.to_string().into()))
+        .await
+        .unwrap();
+    // The report is read after the send returns: until then a create may still pass.
+    let mut refused = None;
+    for _ in 0..500 {
+        let (s, v) = t.post("/v1/tunnels", &f.key, body(&["SSH", "RDP"])).await;
+        if s == StatusCode::CONFLICT {
+            refused = Some(v);
+            break;
+        }
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let id = v["tunnel_id"].as_str().unwrap();
+        t.post(&format!("/v1/tunnels/{id}/close"), &f.key, json!({}))
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let v = refused.expect("a service the agent did not report is refused");
+    assert_eq!(v["error"]["code"], "unknown_service", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"RDP\"") && msg.contains("SSH, HTTP") && msg.contains("--service RDP="),
+        "{msg}"
+    );
+    let (s, v) = t.post("/v1/tunnels", &f.key, body(&["HTTP", "SSH"])).await;
+    assert_eq!(s, StatusCode::CREATED, "reported services pass: {v}");
+
+    // A newer channel that has not reported replaces the old one: unknown again.
+    let _newer = DeviceChannel::connect(&t, &f.product_key, "dev-1", &f.secret)
+        .await
+        .unwrap();
+    let (s, v) = t.post("/v1/tunnels", &f.key, body(&["RDP"])).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
 }

@@ -389,6 +389,40 @@ async fn presence_on_mqtt_makes_a_device_online_and_its_will_makes_it_offline() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_in_the_presence_gate_tunnel_create() {
+    let t = server().await;
+    let (key, pk) = setup(&t).await;
+    let mut device = Peer::connect(&[], None).await;
+    let online = r#"{"state": "online", "services": ["HTTP"]}"#;
+    device.retain(&presence(&pk, "dev-1"), online).await;
+    // Online and its services are learnt from the same message.
+    t.wait_online(&key, &pk, "dev-1", true).await;
+    let (s, v) = create(&t, &key, &pk, json!({})).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("unknown_service")),
+        "the default SSH is not served: {v}"
+    );
+    let (s, v) = create(&t, &key, &pk, json!({ "services": ["HTTP"] })).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // A plain `online` (an older agent) leaves the services unknown: any is allowed.
+    device.retain(&presence(&pk, "dev-1"), "online").await;
+    let mut allowed = false;
+    for _ in 0..500 {
+        let (s, v) = create(&t, &key, &pk, json!({ "services": ["SSH"] })).await;
+        if s == StatusCode::CREATED {
+            allowed = true;
+            break;
+        }
+        assert_eq!(v["error"]["code"], "unknown_service", "{v}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(allowed, "a plain online presence must allow any service");
+    clear_presence(&pk, "dev-1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_never_blocks_the_api() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port();

@@ -28,8 +28,16 @@ fn run(args: &[&str]) -> String {
 }
 
 /// The real subcommands and flags every generated document must name.
-const SUBCOMMANDS: [&str; 7] = [
-    "server", "account", "product", "device", "client", "tunnel", "node",
+const SUBCOMMANDS: [&str; 9] = [
+    "server",
+    "account",
+    "key",
+    "product",
+    "device",
+    "client",
+    "tunnel",
+    "node",
+    "access-key",
 ];
 
 #[test]
@@ -68,7 +76,7 @@ fn man_pages_cover_every_visible_command() {
     for sub in SUBCOMMANDS {
         // roff escapes the dash: iotunnel\-server(1).
         assert!(
-            main.contains(&format!("iotunnel\\-{sub}")),
+            main.contains(&format!("iotunnel\\-{}", sub.replace('-', "\\-"))),
             "iotunnel.1 does not list {sub}"
         );
         let sub_page = page(&format!("iotunnel-{sub}.1"));

@@ -719,7 +719,14 @@ async fn cli_drives_the_api_end_to_end() {
     let dev = cli_json(
         &base,
         &key,
-        &["device", "create", "--product-key", &pk, "--name", "dev-1"],
+        &[
+            "device",
+            "create",
+            "--product-key",
+            &pk,
+            "--device-name",
+            "dev-1",
+        ],
     )
     .await;
     assert_eq!(dev["device_name"], "dev-1");

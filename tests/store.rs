@@ -29,11 +29,28 @@ fn new_tunnel(id: &str, device: &str, at: i64) -> NewTunnel {
     }
 }
 
+fn key(id: &str, account: &str, hash: u8, origin: KeyOrigin, at: i64) -> NewApiKey {
+    NewApiKey {
+        id: id.into(),
+        account_id: account.into(),
+        name: format!("{id} label"),
+        origin,
+        key_hash: [hash; 32],
+        created_at: at,
+    }
+}
+
+fn key_ids(keys: &[ApiKey]) -> Vec<&str> {
+    keys.iter().map(|k| k.id.as_str()).collect()
+}
+
 async fn seed(s: &dyn Store) {
-    s.create_account("acc_a".into(), "a".into(), false, [9; 32], 1)
+    let ka = key("key_a", "acc_a", 9, KeyOrigin::Account, 1);
+    s.create_account("acc_a".into(), "a".into(), false, ka)
         .await
         .unwrap();
-    s.create_account("acc_b".into(), "b".into(), false, [8; 32], 1)
+    let kb = key("key_b", "acc_b", 8, KeyOrigin::Account, 1);
+    s.create_account("acc_b".into(), "b".into(), false, kb)
         .await
         .unwrap();
     for (pk, acc) in [("pk", "acc_a"), ("pk_b", "acc_b")] {
@@ -52,32 +69,141 @@ async fn seed(s: &dyn Store) {
             name: name.into(),
             secret: "s".into(),
             created_at: 1,
+            open_tunnels: 0,
         };
         s.create_device(d).await.unwrap();
     }
+}
+
+/// API keys: authentication, listing per account, last use, revoke and retirement (runs right
+/// after `seed`: acc_a holds key_a (hash 9), acc_b key_b (hash 8)).
+async fn api_key_contract(s: &dyn Store) {
+    let (a, k) = s.account_by_key([9; 32]).await.unwrap().unwrap();
+    assert_eq!((a.id.as_str(), k.id.as_str()), ("acc_a", "key_a"));
+    assert_eq!(
+        (k.origin, k.name.as_str()),
+        (KeyOrigin::Account, "key_a label")
+    );
+    assert_eq!(
+        (k.key_hash, k.last_used_at, k.revoked_at),
+        ([9; 32], None, None)
+    );
+    assert!(s.account_by_key([7; 32]).await.unwrap().is_none());
+
+    // Adding a stored hash again changes nothing (even for another account) and returns it.
+    let k6 = s
+        .add_api_key(key("key_6", "acc_a", 6, KeyOrigin::Env, 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        (k6.id.as_str(), k6.origin, k6.created_at),
+        ("key_6", KeyOrigin::Env, 2)
+    );
+    let again = s
+        .add_api_key(key("key_x", "acc_b", 6, KeyOrigin::Api, 3))
+        .await;
+    assert_eq!(again.unwrap(), k6);
+    let ghost = s
+        .add_api_key(key("key_g", "acc_ghost", 5, KeyOrigin::Api, 3))
+        .await;
+    assert_eq!(ghost, Err(StoreError::NotFound));
+    let dup = key("key_z", "acc_a", 5, KeyOrigin::Account, 1);
+    assert_eq!(
+        s.create_account("acc_a".into(), "x".into(), false, dup)
+            .await,
+        Err(StoreError::AlreadyExists)
+    );
+    // A stored hash cannot found a second account, and nothing of the attempt stays.
+    let reused = key("key_c", "acc_c", 9, KeyOrigin::Account, 1);
+    assert_eq!(
+        s.create_account("acc_c".into(), "c".into(), false, reused)
+            .await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert!(s
+        .list_api_keys(Some("acc_c".into()))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.add_api_key(key("key_c2", "acc_c", 4, KeyOrigin::Api, 1))
+            .await,
+        Err(StoreError::NotFound),
+        "the account was rolled back"
+    );
+
+    // Lists: an account's own keys, oldest first; `None` lists every account's.
+    let mine = s.list_api_keys(Some("acc_a".into())).await.unwrap();
+    assert_eq!(key_ids(&mine), ["key_a", "key_6"]);
+    let all = s.list_api_keys(None).await.unwrap();
+    let mut all = key_ids(&all);
+    all.sort();
+    assert_eq!(all, ["key_6", "key_a", "key_b"]);
+
+    // Last use only moves forward.
+    s.touch_api_key("key_6".into(), 50).await.unwrap();
+    s.touch_api_key("key_6".into(), 40).await.unwrap();
+    let (_, k) = s.account_by_key([6; 32]).await.unwrap().unwrap();
+    assert_eq!(k.last_used_at, Some(50));
+
+    // Revoke: only within the account (or any, with no account); at once, and for good.
+    let theirs = s
+        .revoke_api_key(Some("acc_b".into()), "key_6".into(), 60)
+        .await;
+    assert_eq!(theirs, Err(StoreError::NotFound));
+    let revoked = s
+        .revoke_api_key(Some("acc_a".into()), "key_6".into(), 60)
+        .await
+        .unwrap();
+    assert_eq!(
+        (revoked.id.as_str(), revoked.revoked_at),
+        ("key_6", Some(60))
+    );
+    assert!(s.account_by_key([6; 32]).await.unwrap().is_none());
+    let mine = s.list_api_keys(Some("acc_a".into())).await.unwrap();
+    assert_eq!(key_ids(&mine), ["key_a"]);
+    let twice = s.revoke_api_key(None, "key_6".into(), 61).await;
+    assert_eq!(twice, Err(StoreError::NotFound));
+    let back = s
+        .add_api_key(key("key_w", "acc_a", 6, KeyOrigin::Env, 70))
+        .await
+        .unwrap();
+    assert_eq!(
+        (back.id.as_str(), back.revoked_at),
+        ("key_6", Some(60)),
+        "no resurrection"
+    );
+    assert!(s.account_by_key([6; 32]).await.unwrap().is_none());
+
+    // Retirement: the account's keys of one origin, except the one kept.
+    for (id, hash, at) in [("key_e1", 11, 80), ("key_e2", 12, 81), ("key_e3", 13, 82)] {
+        s.add_api_key(key(id, "acc_b", hash, KeyOrigin::Env, at))
+            .await
+            .unwrap();
+    }
+    let retired = s
+        .retire_api_keys("acc_b".into(), KeyOrigin::Env, "key_e3".into(), 90)
+        .await
+        .unwrap();
+    let mut retired: Vec<_> = retired
+        .iter()
+        .map(|k| (k.id.as_str(), k.revoked_at))
+        .collect();
+    retired.sort();
+    assert_eq!(retired, [("key_e1", Some(90)), ("key_e2", Some(90))]);
+    let theirs = s.list_api_keys(Some("acc_b".into())).await.unwrap();
+    assert_eq!(key_ids(&theirs), ["key_b", "key_e3"]);
+    s.revoke_api_key(None, "key_e3".into(), 95).await.unwrap();
+    assert!(s.account_by_key([13; 32]).await.unwrap().is_none());
+    assert!(s.account_by_key([8; 32]).await.unwrap().is_some());
 }
 
 /// The contract every [`Store`] must meet.
 async fn contract(s: Arc<dyn Store>) {
     let s = s.as_ref();
     seed(s).await;
-    assert_eq!(
-        s.account_by_key([9; 32]).await.unwrap().unwrap().id,
-        "acc_a"
-    );
-    assert!(s.account_by_key([7; 32]).await.unwrap().is_none());
-    s.add_api_key("acc_a".into(), [6; 32], 2).await.unwrap();
-    s.add_api_key("acc_a".into(), [6; 32], 2).await.unwrap();
-    assert_eq!(
-        s.account_by_key([6; 32]).await.unwrap().unwrap().id,
-        "acc_a"
-    );
+    api_key_contract(s).await;
     assert!(s.admin_account().await.unwrap().is_none());
-    assert_eq!(
-        s.create_account("acc_a".into(), "x".into(), false, [5; 32], 1)
-            .await,
-        Err(StoreError::AlreadyExists)
-    );
 
     // Ownership: another account's product is not found.
     let foreign = Device {
@@ -86,6 +212,7 @@ async fn contract(s: Arc<dyn Store>) {
         name: "x".into(),
         secret: "s".into(),
         created_at: 1,
+        open_tunnels: 0,
     };
     assert_eq!(s.create_device(foreign).await, Err(StoreError::NotFound));
     assert_eq!(
@@ -120,6 +247,14 @@ async fn contract(s: Arc<dyn Store>) {
         s.create_tunnel(new_tunnel("t3", "d1", 20)).await,
         Err(StoreError::TunnelLimit(3))
     );
+    let devices = s.list_devices("acc_a".into(), "pk".into()).await.unwrap();
+    let open: Vec<_> = devices
+        .iter()
+        .map(|d| (d.name.as_str(), d.open_tunnels))
+        .collect();
+    assert_eq!(open, [("d1", 3), ("d2", 0)]);
+    let d1 = s.get_device("pk".into(), "d1".into()).await.unwrap();
+    assert_eq!(d1.unwrap().open_tunnels, 3);
     assert_eq!(
         s.create_tunnel(new_tunnel("t0", "d2", 20)).await,
         Err(StoreError::AlreadyExists)
@@ -350,6 +485,139 @@ async fn contract(s: Arc<dyn Store>) {
         .unwrap_err();
 
     fleet_contract(s).await;
+    vendor_contract(s).await;
+}
+
+/// Access keys, tunnel tags and the device tunnel switch (the vendor facades, issue 13).
+async fn vendor_contract(s: &dyn Store) {
+    let key = |id: &str, acc: &str, at: i64| AccessKey {
+        id: id.into(),
+        account_id: acc.into(),
+        sealed_secret: vec![at as u8; 40],
+        created_at: at,
+    };
+    s.create_access_key(key("K2", "acc_a", 20)).await.unwrap();
+    s.create_access_key(key("K1", "acc_a", 10)).await.unwrap();
+    s.create_access_key(key("KB", "acc_b", 10)).await.unwrap();
+    assert_eq!(
+        s.create_access_key(key("K1", "acc_b", 30)).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(
+        s.create_access_key(key("K9", "acc_nobody", 30)).await,
+        Err(StoreError::NotFound)
+    );
+    let listed = s.list_access_keys("acc_a".into()).await.unwrap();
+    assert_eq!(listed, vec![key("K1", "acc_a", 10), key("K2", "acc_a", 20)]);
+    let (k, account) = s.access_key("K2".into()).await.unwrap().unwrap();
+    assert_eq!((k, account.id.as_str()), (key("K2", "acc_a", 20), "acc_a"));
+    assert!(s.access_key("K9".into()).await.unwrap().is_none());
+    // Revocation: only by the owning account, and then the key is gone.
+    assert_eq!(
+        s.delete_access_key("acc_b".into(), "K2".into()).await,
+        Err(StoreError::NotFound)
+    );
+    s.delete_access_key("acc_a".into(), "K2".into())
+        .await
+        .unwrap();
+    assert!(s.access_key("K2".into()).await.unwrap().is_none());
+    assert_eq!(
+        s.delete_access_key("acc_a".into(), "K2".into()).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(s.list_access_keys("acc_b".into()).await.unwrap().len(), 1);
+
+    // Tags: per tunnel of the account, merged by key, removed by key, gone with the tunnel.
+    let tag_tunnel = |at: i64| NewTunnel {
+        expires_at: 9_000_000,
+        max_open_per_device: 1000,
+        ..new_tunnel("tag1", "d2", at)
+    };
+    s.create_tunnel(tag_tunnel(5000)).await.unwrap();
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(s
+        .tunnel_tags("acc_a".into(), "tag1".into())
+        .await
+        .unwrap()
+        .is_empty());
+    s.tag_tunnel(
+        "acc_a".into(),
+        "tag1".into(),
+        pairs(&[("b", "1"), ("a", "2")]),
+    )
+    .await
+    .unwrap();
+    s.tag_tunnel("acc_a".into(), "tag1".into(), pairs(&[("b", "3")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.tunnel_tags("acc_a".into(), "tag1".into()).await.unwrap(),
+        pairs(&[("a", "2"), ("b", "3")])
+    );
+    for r in [
+        s.tunnel_tags("acc_b".into(), "tag1".into()).await.map(drop),
+        s.tag_tunnel("acc_b".into(), "tag1".into(), pairs(&[("x", "")]))
+            .await,
+        s.untag_tunnel("acc_b".into(), "tag1".into(), vec!["a".into()])
+            .await,
+        s.tunnel_tags("acc_a".into(), "nope".into()).await.map(drop),
+    ] {
+        assert_eq!(r, Err(StoreError::NotFound));
+    }
+    s.untag_tunnel("acc_a".into(), "tag1".into(), vec!["a".into(), "zz".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.tunnel_tags("acc_a".into(), "tag1".into()).await.unwrap(),
+        pairs(&[("b", "3")])
+    );
+    s.close_tunnel("acc_a".into(), "tag1".into(), CloseReason::Closed, 5001)
+        .await
+        .unwrap();
+    s.delete_tunnel("acc_a".into(), "tag1".into())
+        .await
+        .unwrap();
+    s.create_tunnel(tag_tunnel(6000)).await.unwrap();
+    assert!(
+        s.tunnel_tags("acc_a".into(), "tag1".into())
+            .await
+            .unwrap()
+            .is_empty(),
+        "a deleted tunnel's tags go with it"
+    );
+
+    // The device tunnel switch.
+    assert!(!s
+        .device_tunnels_disabled("pk".into(), "d2".into())
+        .await
+        .unwrap());
+    assert!(!s
+        .device_tunnels_disabled("pk".into(), "nope".into())
+        .await
+        .unwrap());
+    assert_eq!(
+        s.set_device_tunnels_disabled("acc_b".into(), "pk".into(), "d2".into(), true)
+            .await,
+        Err(StoreError::NotFound)
+    );
+    s.set_device_tunnels_disabled("acc_a".into(), "pk".into(), "d2".into(), true)
+        .await
+        .unwrap();
+    assert!(s
+        .device_tunnels_disabled("pk".into(), "d2".into())
+        .await
+        .unwrap());
+    s.set_device_tunnels_disabled("acc_a".into(), "pk".into(), "d2".into(), false)
+        .await
+        .unwrap();
+    assert!(!s
+        .device_tunnels_disabled("pk".into(), "d2".into())
+        .await
+        .unwrap());
 }
 
 fn node(id: &str, heartbeat_at: i64) -> NodeRecord {
@@ -673,6 +941,7 @@ async fn tunnel_limit_contract(s: &dyn Store) {
         name: "d1".into(),
         secret: "s".into(),
         created_at: 900,
+        open_tunnels: 0,
     };
     s.create_device(d).await.unwrap();
     assert_eq!(fill(s, "d1", None, &mut next).await.len(), 3);
@@ -684,6 +953,12 @@ async fn tunnel_limit_contract(s: &dyn Store) {
         3
     );
 }
+
+/// Undoes the migration that gave API keys ids, names, origins, last use and revocation.
+const UNDO_KEY_COLUMNS: &str = "DROP INDEX api_keys_by_id; DROP INDEX api_keys_by_account; \
+    ALTER TABLE api_keys DROP COLUMN id; ALTER TABLE api_keys DROP COLUMN name; \
+    ALTER TABLE api_keys DROP COLUMN origin; ALTER TABLE api_keys DROP COLUMN last_used_at; \
+    ALTER TABLE api_keys DROP COLUMN revoked_at;";
 
 #[tokio::test]
 async fn sqlite_tunnel_limit_counts_every_transition_and_survives_reopen() {
@@ -702,15 +977,24 @@ async fn sqlite_tunnel_limit_counts_every_transition_and_survives_reopen() {
     let store = SqliteStore::open(&path).unwrap();
     assert!(fill(&store, "d1", None, &mut next).await.is_empty());
     assert_eq!(fill(&store, "d2", None, &mut next).await.len(), 1);
+    let admin_key = key("key_admin", "acc_admin", 3, KeyOrigin::Generated, 1);
+    store
+        .create_account("acc_admin".into(), "admin".into(), true, admin_key)
+        .await
+        .unwrap();
     drop(store);
 
-    // A database from before the counter: the migration counts what is OPEN.
+    // A database from before the counter (and the API keys' columns, added after it): the
+    // migrations count what is OPEN and give the keys ids.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "DROP TRIGGER tunnels_count_open_insert; DROP TRIGGER tunnels_count_open_update; \
+    conn.execute_batch(&format!(
+        "DROP TABLE tunnel_tags; DROP TABLE access_keys; \
+         ALTER TABLE devices DROP COLUMN tunnels_disabled; \
+         {UNDO_KEY_COLUMNS} \
+         DROP TRIGGER tunnels_count_open_insert; DROP TRIGGER tunnels_count_open_update; \
          DROP TRIGGER tunnels_count_open_delete; ALTER TABLE devices DROP COLUMN open_tunnels; \
-         PRAGMA user_version = 3;",
-    )
+         PRAGMA user_version = 3;"
+    ))
     .unwrap();
     drop(conn);
     let store = SqliteStore::open(&path).unwrap();
@@ -725,6 +1009,18 @@ async fn sqlite_tunnel_limit_counts_every_transition_and_survives_reopen() {
         .await
         .unwrap();
     assert_eq!(fill(&store, "d1", None, &mut next).await.len(), 1);
+    // Keys of old databases get ids; the admin's count as IOTUNNEL_ADMIN_KEY's (retirable).
+    let (_, k) = store.account_by_key([9; 32]).await.unwrap().unwrap();
+    assert!(k.id.starts_with("key_") && k.id.len() == 20, "{}", k.id);
+    assert_eq!(
+        (k.origin, k.last_used_at, k.revoked_at),
+        (KeyOrigin::Account, None, None)
+    );
+    let (_, k) = store.account_by_key([3; 32]).await.unwrap().unwrap();
+    assert_eq!(
+        (k.origin, k.name.as_str()),
+        (KeyOrigin::Env, "IOTUNNEL_ADMIN_KEY")
+    );
 }
 
 #[tokio::test]
@@ -751,25 +1047,36 @@ async fn postgres_tunnel_limit_counts_every_transition_and_migrates_old_data() {
         .await
         .unwrap()
         .get(0);
+    // The counter is migration 2; the API keys' columns (3) and the vendor facades' tables (4)
+    // go back too.
     assert_eq!(
-        version, 2,
-        "this rolls back migration 2 only while it is the last one"
+        version, 4,
+        "this rolls back migrations 4 (vendor facades), 3 (API keys) and 2 only while they are the last ones"
     );
     client
         .batch_execute(&format!(
-            "DROP TRIGGER tunnels_count_open_insert ON tunnels; \
+            "{UNDO_KEY_COLUMNS} \
+             DROP TRIGGER tunnels_count_open_insert ON tunnels; \
              DROP TRIGGER tunnels_count_open_update ON tunnels; \
              DROP TRIGGER tunnels_count_open_delete ON tunnels; \
              DROP FUNCTION tunnels_count_open_insert(); DROP FUNCTION tunnels_count_open_update(); \
              DROP FUNCTION tunnels_count_open_delete(); \
              ALTER TABLE devices DROP COLUMN open_tunnels; \
-             DELETE FROM schema_migrations WHERE version = {version};"
+             DROP TABLE tunnel_tags; DROP TABLE access_keys; \
+             ALTER TABLE devices DROP COLUMN tunnels_disabled; \
+             DELETE FROM schema_migrations WHERE version >= 2;",
         ))
         .await
         .unwrap();
     let store = PgStore::connect(&db.url).await.unwrap();
     assert!(fill(&store, "d1", None, &mut next).await.is_empty());
     assert_eq!(fill(&store, "d2", None, &mut next).await.len(), 1);
+    let (_, k) = store.account_by_key([9; 32]).await.unwrap().unwrap();
+    assert!(k.id.starts_with("key_") && k.id.len() == 20, "{}", k.id);
+    assert_eq!(
+        (k.origin, k.last_used_at, k.revoked_at),
+        (KeyOrigin::Account, None, None)
+    );
 }
 
 #[tokio::test]

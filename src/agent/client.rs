@@ -35,8 +35,8 @@ pub struct ClientArgs {
     /// The client access token (shown once by `tunnel create`).
     #[arg(long, env = "IOTUNNEL_TOKEN", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret(s.to_string())))]
     pub token: Secret,
-    /// Accept local connections for a service: [SERVICE=]HOST:PORT (repeatable). Without
-    /// SERVICE, the tunnel's only service.
+    /// Accept local connections for a service: [SERVICE=]HOST:PORT, or a port alone for
+    /// 127.0.0.1:PORT (repeatable). Without SERVICE, the tunnel's only service.
     #[arg(long = "listen", value_name = "[SERVICE=]HOST:PORT")]
     pub listen: Vec<String>,
     /// Carry one connection to SERVICE over stdin/stdout (for ssh -o ProxyCommand).
@@ -136,9 +136,25 @@ fn listen_specs(listen: &[String], services: &[String]) -> anyhow::Result<Vec<(S
                 },
             };
             check_service(&service, services)?;
-            Ok((service, addr))
+            Ok((service, listen_addr(&addr)?))
         })
         .collect()
+}
+
+/// A `--listen` address: `HOST:PORT`, or a bare port on 127.0.0.1 (`2222`); port 0 picks one.
+fn listen_addr(text: &str) -> anyhow::Result<String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(format!("127.0.0.1:{port}"));
+    }
+    // Port 0 is fine for a listener; any other check is split_host_port's.
+    let checked = match text.strip_suffix(":0") {
+        Some(host) => crate::config::split_host_port(&format!("{host}:1")),
+        None => crate::config::split_host_port(text),
+    };
+    match checked {
+        Ok(_) => Ok(text.to_string()),
+        Err(e) => bail!("--listen takes [SERVICE=]HOST:PORT or a port: {e}"),
+    }
 }
 
 fn check_service(service: &str, services: &[String]) -> anyhow::Result<()> {
@@ -250,12 +266,16 @@ async fn accept(
             };
             let Some(session) = session else { return };
             let (read, write) = tcp.into_split();
-            if session
-                .open(&service, LocalRead::Tcp(read), write)
-                .await
-                .is_none()
-            {
-                tracing::debug!(%peer, "relay connection gone; dropped the local connection");
+            match session.open(&service, LocalRead::Tcp(read), write).await {
+                None => {
+                    tracing::debug!(%peer, "relay connection gone; dropped the local connection")
+                }
+                Some(conn) => {
+                    if let Ok(Some(why)) = conn.await {
+                        tracing::warn!(%peer, service = %service, reason = %why,
+                            "the device refused the connection");
+                    }
+                }
             }
         });
     }
@@ -279,11 +299,14 @@ async fn run_stdio(args: ClientArgs) -> anyhow::Result<()> {
         bail!("the relay connection ended at once");
     };
     tokio::select! {
-        _ = conn => {
+        refused = conn => {
             session.close().await;
             let _ = tokio::time::timeout(CLOSE_WAIT, &mut driver).await;
             driver.abort();
-            Ok(())
+            match refused {
+                Ok(Some(why)) => bail!("the device refused the connection to {service}: {why}"),
+                _ => Ok(()),
+            }
         }
         end = &mut driver => match end.context("the relay task failed")? {
             SessionEnd::TunnelClosed(reason) => bail!("the tunnel is closed ({reason})"),
@@ -313,5 +336,22 @@ mod tests {
         );
         assert!(listen_specs(&["RDP=127.0.0.1:0".into()], &two).is_err());
         assert!(listen_specs(&[], &two).is_err());
+        // A bare port listens on loopback; anything else must be HOST:PORT.
+        assert_eq!(
+            listen_specs(&["2222".into()], &one).unwrap()[0].1,
+            "127.0.0.1:2222"
+        );
+        assert_eq!(
+            listen_specs(&["HTTP=8080".into()], &two).unwrap()[0].1,
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            listen_specs(&["[::1]:0".into()], &one).unwrap()[0].1,
+            "[::1]:0"
+        );
+        for bad in ["99999", "localhost", "h:99999", "a:1,b:2"] {
+            let e = listen_specs(&[bad.into()], &one).unwrap_err().to_string();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
     }
 }

@@ -1,5 +1,8 @@
-//! `iotunnel device`: the device agent. It keeps the device channel up, reconnecting with
-//! jittered exponential backoff capped at 30 s, and serves each tunnel it is notified of: on
+//! `iotunnel device`: the device agent. It keeps the device channel up, reconnecting after
+//! network errors and 5xx answers with jittered exponential backoff capped at 30 s (a 4xx
+//! refusal, such as a wrong secret, ends it with one line: retrying cannot help), reports the
+//! services it maps ([`crate::proto::device::AgentMessage`]), and serves each tunnel it is
+//! notified of: on
 //! `connect` it dials the relay as the destination (AWS V3) with the notified token and opens a
 //! TCP connection to the mapped local service for every stream and connection the client
 //! starts ([`super::tunnels`]); on `close` it tears that tunnel down. Tokens are never logged.
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -25,6 +28,7 @@ use super::mux::LocalServices;
 use super::tunnels::{Connect, RelayContext, Tunnels};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Secret;
+use crate::proto::device::{AgentMessage, ServerMessage};
 use crate::token;
 
 /// Longest wait between reconnects (issue: capped at 30 s).
@@ -90,15 +94,36 @@ pub struct RelayArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Parses `NAME=HOST:PORT`.
+/// Parses `NAME=HOST:PORT`: one service per flag, a port from 1 to 65535, and a name the
+/// server accepts in a tunnel (`[A-Za-z0-9:_.-]`, as `tunnel create --service` takes it).
 fn parse_service(text: &str) -> Result<(String, String), String> {
     let (name, addr) = text
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=HOST:PORT, got {text:?}"))?;
-    if name.is_empty() || !addr.contains(':') {
-        return Err(format!("expected NAME=HOST:PORT, got {text:?}"));
+    let name_ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.-".contains(&b));
+    if !name_ok {
+        return Err(format!(
+            "expected NAME=HOST:PORT with NAME of letters, digits and : _ . -, got {text:?}"
+        ));
     }
-    Ok((name.to_string(), addr.to_string()))
+    let (host, port) =
+        crate::config::split_host_port(addr).map_err(|e| format!("in --service {text:?}: {e}"))?;
+    Ok((name.to_string(), crate::config::host_port(&host, port)))
+}
+
+/// The services by name; a name given twice is refused rather than one silently winning.
+fn service_map(list: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for (name, addr) in list {
+        if let Some(first) = map.insert(name.clone(), addr.clone()) {
+            bail!("--service {name} is given twice ({name}={first} and {name}={addr}): keep one");
+        }
+    }
+    Ok(map)
 }
 
 /// The agent's TOML configuration file (`--config`).
@@ -222,6 +247,7 @@ struct Resolved {
 
 impl AgentConfig {
     fn resolve(self) -> anyhow::Result<Resolved> {
+        // `--api` is checked even in MQTT mode: a wrong flag should not wait to be noticed.
         let file = match &self.options.relay.config {
             Some(path) => AgentFile::load(path)?,
             None => AgentFile::default(),
@@ -250,7 +276,7 @@ impl AgentConfig {
             Some(api) if c.api_url == DEFAULT_API => api,
             _ => c.api_url,
         };
-        let mut services: BTreeMap<String, String> = options.relay.services.into_iter().collect();
+        let mut services = service_map(options.relay.services)?;
         if services.is_empty() {
             services = file.services;
         }
@@ -259,7 +285,7 @@ impl AgentConfig {
             services.insert(name.into(), addr.into());
         }
         Ok(Resolved {
-            api_url,
+            api_url: crate::config::api_base_url(&api_url)?,
             product_key: c
                 .product_key
                 .or(file.product_key)
@@ -289,6 +315,9 @@ enum Ended {
     Final(String),
     /// A network error or an ordinary close: reconnect.
     Retry(String),
+    /// The server refused the channel (HTTP 4xx: wrong secret, unknown device, clock skew):
+    /// retrying with the same settings cannot help.
+    Refused(String),
 }
 
 /// Runs the agent until the device is deleted or replaced; network errors never end it. With
@@ -323,6 +352,7 @@ pub async fn run(config: impl Into<AgentConfig>) -> anyhow::Result<()> {
         );
         match ended.await {
             Ok(Ended::Final(why)) => bail!("device channel ended: {why}"),
+            Ok(Ended::Refused(why)) => bail!("{why}"),
             Ok(Ended::Retry(why)) => {
                 tracing::warn!(reason = %why, "device channel dropped; reconnecting");
                 backoff = FIRST_BACKOFF;
@@ -337,15 +367,33 @@ pub async fn run(config: impl Into<AgentConfig>) -> anyhow::Result<()> {
 }
 
 fn channel_url(api: &str) -> anyhow::Result<String> {
-    let api = api.trim_end_matches('/');
-    let base = if let Some(rest) = api.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else if let Some(rest) = api.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else {
-        bail!("--api must start with http:// or https://");
+    let api = crate::config::api_base_url(api)?;
+    let base = match api.split_once("://") {
+        Some(("https", rest)) => format!("wss://{rest}"),
+        Some((_, rest)) => format!("ws://{rest}"),
+        None => bail!("--api must start with http:// or https://"),
     };
     Ok(format!("{base}/v1/device/connect"))
+}
+
+/// One line for a refused device channel: what the server said, and what to check.
+fn refused_line(status: u16, body: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let said = match (
+        json["error"]["code"].as_str(),
+        json["error"]["message"].as_str(),
+    ) {
+        (Some(code), Some(message)) => format!("{message} ({code})"),
+        _ => body.trim().chars().take(200).collect(),
+    };
+    let check = match json["error"]["code"].as_str() {
+        Some("stale_timestamp") => "check this machine's clock",
+        _ if status == 401 || status == 404 => {
+            "check --product-key, --device-name and the device secret (IOTUNNEL_DEVICE_SECRET)"
+        }
+        _ => "check the agent's settings",
+    };
+    format!("the server refused the device channel with HTTP {status}: {said}; {check}")
 }
 
 async fn session(
@@ -356,6 +404,7 @@ async fn session(
     tls: &Arc<rustls::ClientConfig>,
     tunnels: &Tunnels,
 ) -> anyhow::Result<Ended> {
+    let services = tunnels.local_services();
     let ts = SystemClock.now_ms() / 1000;
     let sig = hex::encode(token::hmac_sha256(
         secret.0.as_bytes(),
@@ -378,10 +427,19 @@ async fn session(
                     .map(String::from_utf8_lossy)
                     .unwrap_or_default()
                     .into_owned();
+                let status = resp.status().as_u16();
+                // Authentication does not heal by retrying; a busy or restarting server does.
+                if (400..500).contains(&status) && status != 408 && status != 429 {
+                    return Ok(Ended::Refused(refused_line(status, &body)));
+                }
+                bail!("the server refused the device channel: HTTP {status} {body}");
+            }
+            Err(e) if crate::tls::is_unknown_issuer(&e) => {
                 bail!(
-                    "the server refused the device channel: HTTP {} {body}",
-                    resp.status()
-                );
+                    "cannot reach the device channel: {e}: the API's certificate is signed by a \
+                     CA this agent does not trust; {}",
+                    crate::tls::CA_FILE_HINT
+                )
             }
             Err(e) => return Err(e).context("cannot reach the device channel"),
         };
@@ -390,6 +448,11 @@ async fn session(
         device_name = dn,
         "device channel connected"
     );
+    // What we serve, so the server refuses a tunnel for a service we do not map.
+    let report = AgentMessage::Services {
+        services: services.0.keys().cloned().collect(),
+    };
+    ws.send(Message::Text(report.to_json().into())).await?;
     while let Some(msg) = ws.next().await {
         match msg? {
             Message::Text(text) => on_notification(&text, tunnels),
@@ -405,41 +468,20 @@ async fn session(
     Ok(Ended::Retry("connection lost".into()))
 }
 
-/// A notification from the device channel (DESIGN.md, "Device channel").
-#[derive(Deserialize)]
-struct Notification {
-    operation: String,
-    tunnel_id: String,
-    #[serde(default)]
-    token: Option<String>,
-    #[serde(default)]
-    url: Option<String>,
-    #[serde(default)]
-    endpoint: Option<String>,
-    #[serde(default)]
-    services: Vec<String>,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 /// Acts on one notification (device channel or MQTT); a malformed one is logged (without its
 /// token) and skipped.
 pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
-    let note: Notification = match serde_json::from_str(text) {
+    let note: ServerMessage = match serde_json::from_str(text) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "ignored a malformed notification");
             return;
         }
     };
-    tracing::info!(
-        operation = %note.operation,
-        tunnel_id = %note.tunnel_id,
-        services = ?note.services,
-        "notification"
-    );
-    match note.operation.as_str() {
-        "connect" => {
+    match note {
+        ServerMessage::Connect(note) => {
+            tracing::info!(operation = "connect", tunnel_id = %note.tunnel_id,
+                services = ?note.services, "notification");
             let Some(token) = note.token else {
                 tracing::warn!(tunnel_id = %note.tunnel_id, "connect notification without a token");
                 return;
@@ -464,8 +506,13 @@ pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
                 }
             }
         }
-        "close" => tunnels.close(&note.tunnel_id, note.reason.as_deref().unwrap_or("-")),
-        other => tracing::debug!(operation = other, "ignored a notification"),
+        ServerMessage::Close { tunnel_id, reason } => {
+            tracing::info!(operation = "close", tunnel_id = %tunnel_id, "notification");
+            tunnels.close(&tunnel_id, reason.as_deref().unwrap_or("-"))
+        }
+        ServerMessage::DeviceDeleted | ServerMessage::Unknown => {
+            tracing::debug!("ignored a notification")
+        }
     }
 }
 
@@ -479,9 +526,52 @@ mod tests {
             parse_service("SSH=127.0.0.1:22").unwrap(),
             ("SSH".into(), "127.0.0.1:22".into())
         );
-        for bad in ["SSH", "=1.2.3.4:5", "SSH=host"] {
+        assert_eq!(
+            parse_service("WEB=[::1]:80").unwrap(),
+            ("WEB".into(), "[::1]:80".into())
+        );
+        for bad in [
+            "SSH",
+            "=1.2.3.4:5",
+            "SSH=host",
+            "SSH=h:99999",
+            "SSH=h:0",
+            "A=h:1,B=h:2",
+            "A B=h:1",
+            "SSH=h:22 ",
+        ] {
             assert!(parse_service(bad).is_err(), "{bad}");
         }
+        let twice = vec![
+            ("SSH".to_string(), "h:1".to_string()),
+            ("SSH".to_string(), "h:2".to_string()),
+        ];
+        let e = service_map(twice).unwrap_err().to_string();
+        assert!(e.contains("given twice"), "{e}");
+        assert_eq!(
+            channel_url("127.0.0.1:8080").unwrap(),
+            "ws://127.0.0.1:8080/v1/device/connect"
+        );
+        assert_eq!(
+            channel_url("https://api.example/").unwrap(),
+            "wss://api.example/v1/device/connect"
+        );
+    }
+
+    #[test]
+    fn refusals_say_what_to_check() {
+        let body = r#"{"error":{"code":"invalid_signature","message":"unknown device or invalid signature","request_id":"r"}}"#;
+        let line = refused_line(401, body);
+        assert!(
+            line.contains("HTTP 401") && line.contains("invalid_signature"),
+            "{line}"
+        );
+        assert!(
+            line.contains("device secret") && !line.contains('\n'),
+            "{line}"
+        );
+        let skew = r#"{"error":{"code":"stale_timestamp","message":"timestamp is off"}}"#;
+        assert!(refused_line(401, skew).contains("clock"));
     }
 
     #[test]

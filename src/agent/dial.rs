@@ -10,7 +10,6 @@
 //!
 //! An HTTP 4xx answer is final (PROTOCOLS.md: the client must not retry), except 408 and 429;
 //! 5xx and network errors are retried by the caller with [`Backoff`].
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +20,7 @@ use anyhow::{bail, Context};
 use base64::Engine as _;
 use bytes::BytesMut;
 use rand::Rng;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -110,35 +108,7 @@ impl Endpoint {
     }
 }
 
-/// A TLS client configuration trusting the certificates in `ca_file` (PEM), or else the public
-/// web PKI roots. ring only: another crate in the graph may enable a second provider.
-pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("cannot read the CA file {}", path.display()))?;
-            for cert in certs {
-                let cert =
-                    cert.with_context(|| format!("bad certificate in {}", path.display()))?;
-                roots
-                    .add(cert)
-                    .with_context(|| format!("unusable CA certificate in {}", path.display()))?;
-            }
-            if roots.is_empty() {
-                bail!("no certificate in the CA file {}", path.display());
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS setup")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
+pub use crate::tls::client_config as tls_config;
 
 /// A relay connection right after the upgrade.
 pub struct Connected {
@@ -302,7 +272,18 @@ async fn connect(endpoint: &Endpoint, tls: &Arc<rustls::ClientConfig>) -> anyhow
         .with_context(|| format!("{} is not a valid server name", endpoint.host))?;
     let stream = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(name, tcp)
-        .await?;
+        .await
+        .map_err(|e| {
+            if crate::tls::is_unknown_issuer(&e) {
+                anyhow::anyhow!(
+                    "{e}: the relay's certificate is signed by a CA this program does not \
+                     trust; {}",
+                    crate::tls::CA_FILE_HINT
+                )
+            } else {
+                e.into()
+            }
+        })?;
     Ok(RelayIo::Tls(Box::new(stream)))
 }
 

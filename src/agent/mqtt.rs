@@ -1,7 +1,8 @@
 //! The device agent's MQTT mode (`iotunnel device --mqtt-url ...`): notifications come from
 //! `iotunnel/{product_key}/{device_name}/notify` (QoS 1) instead of the device channel and feed
-//! the same tunnel handling. The agent announces itself with a retained `online` on
-//! `iotunnel/{product_key}/{device_name}/presence` on every (re)connect, and leaves a retained
+//! the same tunnel handling. The agent announces itself with a retained
+//! `{"state": "online", "services": [...]}` on `iotunnel/{product_key}/{device_name}/presence`
+//! on every (re)connect ([`crate::proto::device::Presence`]), and leaves a retained
 //! `offline` there as its last will; the server reads that topic to know the device is online,
 //! and answers each `online` with a `connect` for every OPEN tunnel of the device.
 //!
@@ -15,9 +16,8 @@ use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS, SubscribeReasonCode};
 
 use super::device::{on_notification, MqttConn};
 use super::tunnels::Tunnels;
-use crate::control::mqtt::{
-    connect_options, notify_topic, presence_topic, Backoff, OFFLINE, ONLINE,
-};
+use crate::mqtt::{connect_options, Backoff};
+use crate::proto::device::{notify_topic, presence_topic, Presence, ServerMessage, OFFLINE};
 
 /// Requests the agent queues for the broker (a subscribe and a presence per connect).
 const REQUEST_QUEUE: usize = 64;
@@ -49,6 +49,10 @@ pub(super) async fn run(
     ));
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let broker = format!("{}:{}", conn.url.host, conn.url.port);
+    let online = Presence::Online {
+        services: Some(tunnels.local_services().0.keys().cloned().collect()),
+    }
+    .to_payload();
     let mut backoff = Backoff::default();
     loop {
         match eventloop.poll().await {
@@ -58,7 +62,8 @@ pub(super) async fn run(
                 // Subscribe first: the server answers `online` with the OPEN tunnels, and the
                 // broker handles this connection's packets in order.
                 let subscribed = client.try_subscribe(&notify, QoS::AtLeastOnce);
-                let announced = client.try_publish(&presence, QoS::AtLeastOnce, true, ONLINE);
+                let announced =
+                    client.try_publish(&presence, QoS::AtLeastOnce, true, online.as_str());
                 if let Err(e) = subscribed.and(announced) {
                     tracing::warn!(error = %e, "cannot queue the MQTT subscription and presence");
                 }
@@ -99,6 +104,8 @@ pub(super) async fn run(
 
 /// Whether a notification says the device was deleted.
 fn is_device_deleted(text: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(text)
-        .is_ok_and(|v| v["operation"] == "device_deleted")
+    matches!(
+        serde_json::from_str::<ServerMessage>(text),
+        Ok(ServerMessage::DeviceDeleted)
+    )
 }

@@ -10,7 +10,13 @@
 //!  local EOF/error:           CONNECTION_RESET(s, svc, c) <-->  close that connection only
 //!  source's last connection of a stream ends: STREAM_RESET(s) -->  the stream is gone
 //!  refused local connect:                                <--  CONNECTION_RESET(s, svc, c)
+//!                                                            payload: why, in UTF-8 (ours)
 //! ```
+//!
+//! A CONNECTION_RESET the destination sends because it cannot serve the connection (no local
+//! address for the service, or the local service refused) carries the reason as its payload,
+//! which the source reports ([`Session::open`] returns it); the protocol leaves a reset's
+//! payload unused, so other peers ignore it. An ordinary end carries none.
 //!
 //! A stream belongs to the source that started it: only the source ends a stream (when its
 //! last connection ends), so a connection it starts never races a stream the destination just
@@ -27,7 +33,7 @@
 //! stalls this tunnel only, never other tunnels.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -80,6 +86,8 @@ struct Conn {
     budget: Arc<Semaphore>,
     /// Tells this entry apart from a later one with the same ids.
     generation: u64,
+    /// Why the other side refused the connection, when its reset said so.
+    refusal: Arc<OnceLock<String>>,
 }
 
 impl Conn {
@@ -91,6 +99,7 @@ impl Conn {
             to_local,
             budget,
             generation,
+            refusal: Arc::default(),
         };
         (conn, rx)
     }
@@ -361,10 +370,24 @@ impl Inner {
                     self.send(reset).await;
                 }
             }
-            (MessageType::StreamReset, _) => self.lock_table().remove_stream(m.stream_id),
+            (MessageType::StreamReset, _) => {
+                let mut table = self.lock_table();
+                if let (Some(stream), Some(why)) =
+                    (table.streams.get(&m.stream_id), refusal(&m.payload))
+                {
+                    for conn in stream.conns.values() {
+                        let _ = conn.refusal.set(why.clone());
+                    }
+                }
+                table.remove_stream(m.stream_id);
+            }
             (MessageType::ConnectionReset, _) => {
                 if let Some(stream) = self.lock_table().streams.get_mut(&m.stream_id) {
-                    stream.conns.remove(&conn_id);
+                    if let (Some(conn), Some(why)) =
+                        (stream.conns.remove(&conn_id), refusal(&m.payload))
+                    {
+                        let _ = conn.refusal.set(why);
+                    }
                 }
             }
             (MessageType::SessionReset, _) => {
@@ -380,25 +403,30 @@ impl Inner {
 
     /// Destination: connects to the service's local address for connection `conn_id`.
     async fn open_local(self: &Arc<Self>, stream_id: i32, service_id: &str, conn_id: u32) {
-        let reset = || {
-            message(
-                MessageType::ConnectionReset,
-                stream_id,
-                service_id,
-                conn_id,
-                Bytes::new(),
-            )
-        };
         let Some(addr) = self.local.resolve(service_id).map(str::to_string) else {
             tracing::warn!(
                 service = service_id,
                 "no local address for this service; refusing the connection"
             );
-            self.send(reset()).await;
+            let mapped: Vec<&str> = self.local.0.keys().map(String::as_str).collect();
+            let why = format!(
+                "the device's agent has no service {service_id:?} (it maps {}; start it with \
+                 --service {service_id}=HOST:PORT)",
+                mapped.join(", ")
+            );
+            let reset = message(
+                MessageType::ConnectionReset,
+                stream_id,
+                service_id,
+                conn_id,
+                Bytes::from(why),
+            );
+            self.send(reset).await;
             return;
         };
         let (conn, rx) = Conn::new(self.next_generation.fetch_add(1, Ordering::Relaxed));
         let generation = conn.generation;
+        let refused = conn.refusal.clone();
         {
             let mut table = self.lock_table();
             let Some(stream) = table.streams.get_mut(&stream_id) else {
@@ -422,22 +450,34 @@ impl Inner {
                     let _ = tcp.set_nodelay(true);
                     tracing::debug!(service = %service, %addr, stream_id, connection_id = conn_id, "local connection open");
                     let (read, write) = tcp.into_split();
-                    pump(inner, key, service, LocalRead::Tcp(read), write, rx).await;
+                    pump(
+                        inner,
+                        key,
+                        service,
+                        LocalRead::Tcp(read),
+                        write,
+                        rx,
+                        refused,
+                    )
+                    .await;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(service = %service, %addr, error = %e, "local service refused the connection");
-                    inner.local_closed(&key, &service).await;
+                    let why = format!("the device cannot connect to {service} at {addr}: {e}");
+                    inner.local_closed(&key, &service, Some(why)).await;
                 }
                 Err(_) => {
                     tracing::warn!(service = %service, %addr, "local service did not answer in time");
-                    inner.local_closed(&key, &service).await;
+                    let why = format!("{service} at {addr} did not answer the device in time");
+                    inner.local_closed(&key, &service, Some(why)).await;
                 }
             }
         });
     }
 
-    /// A local connection ended by itself: tell the other side, unless it already knows.
-    async fn local_closed(&self, key: &Key, service: &str) {
+    /// A local connection ended by itself (or, with `why`, could not be opened): tell the
+    /// other side, unless it already knows.
+    async fn local_closed(&self, key: &Key, service: &str, why: Option<String>) {
         let _order = match self.side {
             Side::Source => Some(self.order.lock().await),
             Side::Destination => None,
@@ -470,7 +510,7 @@ impl Inner {
                     key.stream_id,
                     service,
                     key.conn_id,
-                    Bytes::new(),
+                    why.map(Bytes::from).unwrap_or_default(),
                 )
             }
         };
@@ -528,7 +568,8 @@ impl LocalRead {
     }
 }
 
-/// Carries one connection both ways until either side ends it.
+/// Carries one connection both ways until either side ends it; returns why the other side
+/// refused it, if its reset said so.
 async fn pump<W>(
     inner: Arc<Inner>,
     key: Key,
@@ -536,7 +577,9 @@ async fn pump<W>(
     mut read: LocalRead,
     mut write: W,
     mut from_relay: mpsc::UnboundedReceiver<Queued>,
-) where
+    refusal: Arc<OnceLock<String>>,
+) -> Option<String>
+where
     W: AsyncWrite + Unpin,
 {
     let up = async {
@@ -572,9 +615,17 @@ async fn pump<W>(
         end = down => end,
     };
     if let PumpEnd::Local = end {
-        inner.local_closed(&key, &service).await;
+        inner.local_closed(&key, &service, None).await;
     }
     crate::trim::connection_closed();
+    refusal.get().cloned()
+}
+
+/// The reason a reset's payload gives, if any (our destinations explain refusals).
+fn refusal(payload: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.chars().take(512).collect())
 }
 
 impl Session {
@@ -585,8 +636,14 @@ impl Session {
 
     /// Source: carries a new local connection to `service` (STREAM_START for the service's
     /// first connection, CONNECTION_START for later ones). Returns the task that pumps it
-    /// (it ends when the connection does), or `None` when the session is gone.
-    pub async fn open<W>(&self, service: &str, read: LocalRead, write: W) -> Option<JoinHandle<()>>
+    /// (it ends when the connection does, with the reason the device gave if it refused it),
+    /// or `None` when the session is gone.
+    pub async fn open<W>(
+        &self,
+        service: &str,
+        read: LocalRead,
+        write: W,
+    ) -> Option<JoinHandle<Option<String>>>
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -594,6 +651,7 @@ impl Session {
         let _order = inner.order.lock().await;
         let (conn, rx) = Conn::new(inner.next_generation.fetch_add(1, Ordering::Relaxed));
         let generation = conn.generation;
+        let refused = conn.refusal.clone();
         let (start, stream_id, conn_id) = {
             let mut table = inner.lock_table();
             let open = table.current.get(service).copied();
@@ -644,6 +702,7 @@ impl Session {
             read,
             write,
             rx,
+            refused,
         )))
     }
 

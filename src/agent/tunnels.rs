@@ -70,6 +70,11 @@ impl Tunnels {
         }
     }
 
+    /// The local services this agent maps.
+    pub fn local_services(&self) -> &LocalServices {
+        &self.ctx.local
+    }
+
     /// Serves a tunnel, unless it is already served with this token at this relay.
     pub fn connect(&self, note: Connect) {
         let token_hash = crate::token::hash_secret(&note.token.0);

@@ -16,9 +16,9 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorEnvelope, REQUEST_ID};
 use super::views::*;
-use super::{device_channel, ControlPlane, TunnelSpec};
+use super::{device_channel, keys, ControlPlane, TunnelSpec};
 use crate::config::MIN_LIFETIME_SECONDS;
-use crate::store::{Account, Device, Product, TunnelFilter, TunnelState};
+use crate::store::{Account, Device, KeyOrigin, NewApiKey, Product, TunnelFilter, TunnelState};
 use crate::token;
 
 /// Largest request body accepted (issue: 64 KiB, then 413).
@@ -53,16 +53,21 @@ impl FromRequestParts<Arc<ControlPlane>> for Caller {
         parts: &mut Parts,
         cp: &Arc<ControlPlane>,
     ) -> Result<Self, ApiError> {
-        let key = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
+        let key = bearer_key(parts)?;
         cp.authenticate(key).await.map(Caller)
     }
+}
+
+/// The API key of `Authorization: Bearer <api key>`.
+pub(super) fn bearer_key(parts: &Parts) -> Result<&str, ApiError> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))
 }
 
 #[derive(OpenApi)]
@@ -90,6 +95,8 @@ impl Modify for BearerAuth {
 pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -> Router {
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_account))
+        .routes(routes!(keys::list_keys, keys::create_key))
+        .routes(routes!(keys::revoke_key))
         .routes(routes!(create_product, list_products))
         .routes(routes!(create_device, list_devices))
         .routes(routes!(delete_device))
@@ -100,6 +107,11 @@ pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -
         .routes(routes!(batch_delete))
         .routes(routes!(rotate_tunnel))
         .routes(routes!(list_nodes))
+        .routes(routes!(
+            super::access_keys::create_access_key,
+            super::access_keys::list_access_keys
+        ))
+        .routes(routes!(super::access_keys::delete_access_key))
         .routes(routes!(device_channel::connect))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -110,6 +122,8 @@ pub fn router(cp: Arc<ControlPlane>, metrics: Arc<crate::metrics::ApiMetrics>) -
             "/openapi.json",
             axum::routing::get(move || async move { Json(openapi.as_ref().clone()) }),
         )
+        // The vendor facades (AWS, Alibaba): their operation is in a header or a parameter.
+        .route("/", axum::routing::post(super::vendor::dispatch))
         .route_layer(axum::middleware::from_fn_with_state(
             metrics.clone(),
             crate::metrics::track_api,
@@ -173,15 +187,17 @@ async fn create_account(
     let name = validate_display_name("name", &req.name)?;
     let api_key = format!("itk_{}", token::random_secret());
     let id = format!("acc_{}", token::random_alnum(16).to_lowercase());
+    let key = NewApiKey {
+        id: token::new_key_id(),
+        account_id: id.clone(),
+        name: "created with the account".into(),
+        origin: KeyOrigin::Account,
+        key_hash: token::hash_secret(&api_key),
+        created_at: cp.clock.now_ms(),
+    };
     let account = cp
         .store
-        .create_account(
-            id,
-            name,
-            false,
-            token::hash_secret(&api_key),
-            cp.clock.now_ms(),
-        )
+        .create_account(id, name, false, key)
         .await
         .map_err(|e| ApiError::from_store(e, "account"))?;
     tracing::info!(account_id = %account.id, "account created");
@@ -268,6 +284,7 @@ async fn create_device(
         name: req.name,
         secret: token::random_secret(),
         created_at: cp.clock.now_ms(),
+        open_tunnels: 0,
     };
     let d = cp.store.create_device(device).await.map_err(|e| match e {
         crate::store::StoreError::NotFound => ApiError::not_found("product"),
@@ -333,7 +350,7 @@ async fn delete_device(
 /// Creates a tunnel to an online device; the client token is shown once.
 #[utoipa::path(post, path = "/v1/tunnels", tag = "tunnels", request_body = CreateTunnel,
     responses((status = 201, body = TunnelCreated), (status = 400, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope), (status = 409, description = "device_offline", body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 409, description = "device_offline, or unknown_service (a service the device's agent reported it does not map)", body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope), (status = 429, description = "tunnel_limit", body = ErrorEnvelope)))]
 async fn create_tunnel(
     State(cp): Cp,
@@ -354,6 +371,7 @@ async fn create_tunnel(
         description: validate_text("description", req.description, MAX_DESCRIPTION_BYTES)?,
         services: validate_services(req.services)?,
         lifetime_seconds,
+        require_online: true,
     };
     let created = cp.create_tunnel(&me, spec).await?;
     let t = &created.tunnel;

@@ -9,7 +9,9 @@
 //! sends a `connect` message for each OPEN tunnel of the device, then live `connect`/`close`
 //! messages (one JSON object per text message). A newer channel of the same device replaces the
 //! older one, which is closed with code [`CLOSE_REPLACED`]. The server pings every interval; a
-//! channel silent for [`MISSED_PINGS`] intervals is dropped as dead.
+//! channel silent for [`MISSED_PINGS`] intervals is dropped as dead. The agent reports the
+//! services it maps (`{"operation": "services", ...}`, [`crate::proto::device`]); until it does
+//! (older agents never do) the device's services are unknown and any service may be tunnelled.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,10 +32,8 @@ use crate::token;
 pub const TIMESTAMP_WINDOW_SECS: i64 = 300;
 /// Pings a channel may miss before it is dropped: 3 × 20 s = the 60 s detection bound.
 pub const MISSED_PINGS: u32 = 3;
-/// Close code sent to a channel replaced by a newer one (private-use range 4000-4999).
-pub const CLOSE_REPLACED: u16 = 4000;
-/// Close code sent to a channel whose device was deleted.
-pub const CLOSE_DEVICE_DELETED: u16 = 4001;
+use crate::proto::device::AgentMessage;
+pub use crate::proto::device::{CLOSE_DEVICE_DELETED, CLOSE_REPLACED};
 
 /// A message for a connected channel.
 #[derive(Debug, Clone)]
@@ -50,6 +50,8 @@ pub enum ChannelMsg {
 struct ChannelHandle {
     id: u64,
     tx: mpsc::UnboundedSender<ChannelMsg>,
+    /// What the agent reported it serves; `None` until it reports (older agents never do).
+    services: Option<Vec<String>>,
 }
 
 type DeviceKey = (String, String);
@@ -66,6 +68,22 @@ impl DeviceChannels {
     pub fn is_online(&self, product_key: &str, device_name: &str) -> bool {
         self.map
             .contains_key(&(product_key.to_string(), device_name.to_string()))
+    }
+
+    /// The services the device's connected agent reported, if it did.
+    pub fn services_of(&self, product_key: &str, device_name: &str) -> Option<Vec<String>> {
+        self.map
+            .get(&(product_key.to_string(), device_name.to_string()))
+            .and_then(|h| h.services.clone())
+    }
+
+    /// Records what channel `id` of the device reported it serves (a replaced one is ignored).
+    fn set_services(&self, key: &DeviceKey, id: u64, services: Vec<String>) {
+        if let Some(mut h) = self.map.get_mut(key) {
+            if h.id == id {
+                h.services = Some(services);
+            }
+        }
     }
 
     /// The number of connected channels.
@@ -91,7 +109,14 @@ impl DeviceChannels {
     fn register(&self, key: DeviceKey) -> (u64, mpsc::UnboundedReceiver<ChannelMsg>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Some(old) = self.map.insert(key, ChannelHandle { id, tx }) {
+        if let Some(old) = self.map.insert(
+            key,
+            ChannelHandle {
+                id,
+                tx,
+                services: None,
+            },
+        ) {
             let _ = old.tx.send(ChannelMsg::Replaced);
         }
         (id, rx)
@@ -248,7 +273,7 @@ async fn serve_channel(
 ) {
     let (pk, dn) = (&reg.key.0, &reg.key.1);
     tracing::info!(product_key = %pk, device_name = %dn, "device channel connected");
-    let reason = run_channel(&reg.cp, &mut socket, &reg.key, &mut rx).await;
+    let reason = run_channel(&reg.cp, &mut socket, &reg.key, reg.id, &mut rx).await;
     tracing::info!(product_key = %pk, device_name = %dn, reason, "device channel disconnected");
 }
 
@@ -256,6 +281,7 @@ async fn run_channel(
     cp: &ControlPlane,
     socket: &mut WebSocket,
     key: &DeviceKey,
+    id: u64,
     rx: &mut mpsc::UnboundedReceiver<ChannelMsg>,
 ) -> &'static str {
     // Replay after registering, so that a tunnel created meanwhile is sent at least once.
@@ -316,10 +342,27 @@ async fn run_channel(
             }
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None => return "closed_by_device",
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = Instant::now();
+                    on_agent_message(cp, key, id, &text);
+                }
                 Some(Ok(_)) => last_heard = Instant::now(),
                 Some(Err(_)) => return "protocol_error",
             },
         }
+    }
+}
+
+/// Acts on a message from the agent; one this version does not know is ignored.
+fn on_agent_message(cp: &ControlPlane, key: &DeviceKey, id: u64, text: &str) {
+    match serde_json::from_str::<AgentMessage>(text) {
+        Ok(AgentMessage::Services { services }) => {
+            tracing::info!(product_key = %key.0, device_name = %key.1, ?services,
+                "device reported its services");
+            cp.channels.set_services(key, id, services);
+        }
+        Ok(AgentMessage::Unknown) => {}
+        Err(e) => tracing::debug!(error = %e, "ignored a malformed message from a device"),
     }
 }
 

@@ -96,6 +96,11 @@ pub enum FleetMsg {
         /// The device.
         device_name: String,
     },
+    /// An API key was revoked: forget it now rather than when its cache entry expires.
+    KeyRevoked {
+        /// The key's id.
+        key_id: String,
+    },
 }
 
 /// A [`FleetMsg`] as it travels: stamped with the node that sent it, so each node skips its own.
@@ -376,6 +381,7 @@ impl ControlPlane {
             } => self
                 .channels
                 .send(&product_key, &device_name, ChannelMsg::Replaced),
+            FleetMsg::KeyRevoked { key_id } => self.keys.forget(&key_id),
         }
     }
 
@@ -630,6 +636,8 @@ pub async fn run_bus(
             // loaded at start), follows a gap in which messages may have been lost.
             BusEvent::Resynced => {
                 tracing::info!("fleet bus (re)subscribed; reloading the tunnel index");
+                // A revoke may have been missed too: ask the store about every key again.
+                cp.keys.clear();
                 if let Err(e) = cp.resync_index().await {
                     tracing::warn!(error = %e, "cannot reload the tunnel index");
                 }

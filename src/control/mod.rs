@@ -5,22 +5,30 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use dashmap::DashMap;
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::clock::{rfc3339, Clock};
 use crate::config::Settings;
+use crate::proto::device::{self, ServerMessage};
 use crate::seam::{CloseReason, RelayCommand, Side, TunnelIndex};
 use crate::store::{Account, NewTunnel, Rotation, Store, Tunnel};
-use crate::token::{self, SecretHash};
+use crate::token;
 
+pub mod access_keys;
+pub mod acs;
+pub mod aliyun;
 pub mod api;
+pub mod aws;
 pub mod console;
 pub mod device_channel;
 pub mod error;
 pub mod fleet;
+pub mod keys;
 pub mod lifecycle;
 pub mod mqtt;
+pub mod sigv4;
+pub mod thing;
+pub mod vendor;
 pub mod views;
 
 use device_channel::{ChannelMsg, DeviceChannels};
@@ -41,6 +49,9 @@ pub struct TunnelSpec {
     pub services: Vec<String>,
     /// Lifetime in seconds.
     pub lifetime_seconds: u32,
+    /// Refuse an offline device (native and Alibaba APIs); AWS opens tunnels to offline
+    /// things, which learn of them when they connect (the device channel replays OPEN ones).
+    pub require_online: bool,
 }
 
 /// A created tunnel and its client token (returned once, never stored).
@@ -86,8 +97,12 @@ pub struct ControlPlane {
     relay: mpsc::UnboundedSender<RelayCommand>,
     /// Key from which device tokens are derived; never leaves the process.
     token_key: [u8; 32],
-    /// API key hash -> account, filled on first use (keys are never revoked).
-    accounts_by_key: DashMap<SecretHash, Account>,
+    /// API keys in use, briefly trusted without asking the store.
+    keys: keys::KeyCache,
+    /// Seals access-key secrets; `None` on a fleet node without `--access-key-encryption-key`.
+    access_keys: Option<Arc<access_keys::Sealer>>,
+    /// `{access key id}:{nonce}` -> until when: Alibaba signatures already used.
+    pub(crate) vendor_nonces: DashMap<String, i64>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -117,8 +132,16 @@ impl ControlPlane {
             fleet,
             relay,
             token_key,
-            accounts_by_key: DashMap::new(),
+            keys: keys::KeyCache::default(),
+            access_keys: None,
+            vendor_nonces: DashMap::new(),
         }
+    }
+
+    /// Adds the access-key sealer (before the control plane is shared).
+    pub fn with_access_keys(mut self, sealer: access_keys::Sealer) -> Self {
+        self.access_keys = Some(Arc::new(sealer));
+        self
     }
 
     /// Adds the MQTT broker link (before the control plane is shared).
@@ -225,17 +248,7 @@ impl ControlPlane {
 
     /// The account an API key belongs to.
     pub async fn authenticate(&self, api_key: &str) -> Result<Account, ApiError> {
-        let hash = token::hash_secret(api_key);
-        if let Some(a) = self.accounts_by_key.get(&hash) {
-            return Ok(a.clone());
-        }
-        match self.store.account_by_key(hash).await? {
-            Some(a) => {
-                self.accounts_by_key.insert(hash, a.clone());
-                Ok(a)
-            }
-            None => Err(ApiError::unauthorized("invalid API key")),
-        }
+        self.authenticate_key(api_key).await.map(|c| c.account)
     }
 
     /// The relay URL a side dials for a tunnel: its owner's relay (Alibaba-style path;
@@ -272,21 +285,37 @@ impl ControlPlane {
 
     /// The `connect` notification for a tunnel, as sent on the device channel.
     pub fn connect_notification(&self, t: &Tunnel) -> String {
-        json!({
-            "operation": "connect",
-            "tunnel_id": t.id,
-            "token": self.device_token(t),
-            "url": self.side_url(t, Side::Device),
-            "endpoint": self.relay_endpoint(t),
-            "custom_info": t.custom_info,
-            "services": t.services,
-            "expires_at": rfc3339(t.expires_at),
+        ServerMessage::Connect(device::Connect {
+            tunnel_id: t.id.clone(),
+            token: Some(self.device_token(t)),
+            url: Some(self.side_url(t, Side::Device)),
+            endpoint: Some(self.relay_endpoint(t)),
+            custom_info: t.custom_info.clone(),
+            services: t.services.clone(),
+            expires_at: Some(rfc3339(t.expires_at)),
         })
-        .to_string()
+        .to_json()
     }
 
     fn close_notification(tunnel_id: &str, reason: CloseReason) -> String {
-        json!({"operation": "close", "tunnel_id": tunnel_id, "reason": reason.as_str()}).to_string()
+        ServerMessage::Close {
+            tunnel_id: tunnel_id.to_string(),
+            reason: Some(reason.as_str().to_string()),
+        }
+        .to_json()
+    }
+
+    /// The services the device's agent reported (on its channel here or in its MQTT
+    /// presence); `None` while unknown (no report yet, an older agent, or a channel on another
+    /// node of the fleet).
+    pub fn known_services(&self, product_key: &str, device_name: &str) -> Option<Vec<String>> {
+        self.channels
+            .services_of(product_key, device_name)
+            .or_else(|| {
+                self.mqtt
+                    .as_ref()
+                    .and_then(|m| m.services_of(product_key, device_name))
+            })
     }
 
     /// Creates a tunnel for an online device of the caller's account and notifies the device.
@@ -301,13 +330,37 @@ impl ControlPlane {
             .await?
             .filter(|d| d.account_id == account.id)
             .ok_or_else(|| ApiError::not_found("device"))?;
-        if !self.is_online(&device.product_key, &device.name).await {
+        if self
+            .store
+            .device_tunnels_disabled(device.product_key.clone(), device.name.clone())
+            .await?
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "device_tunnels_disabled",
+                "the device's tunnel switch is off: no new tunnels until it is enabled",
+            ));
+        }
+        if spec.require_online && !self.is_online(&device.product_key, &device.name).await {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "device_offline",
                 "the device is offline: it must be connected on the device channel or \
                  announce itself online over MQTT",
             ));
+        }
+        if let Some(known) = self.known_services(&device.product_key, &device.name) {
+            if let Some(missing) = spec.services.iter().find(|s| !known.contains(s)) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "unknown_service",
+                    format!(
+                        "the device's agent does not serve {missing:?} (it serves {}): start it \
+                         with --service {missing}=HOST:PORT, or ask for one of its services",
+                        known.join(", ")
+                    ),
+                ));
+            }
         }
         let now = self.clock.now_ms();
         let client_token = token::random_secret();

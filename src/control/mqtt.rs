@@ -16,15 +16,18 @@
 //!   which `iotunnel device --mqtt-url` reads.
 //!
 //! Presence: the server subscribes to `iotunnel/+/+/presence`, where agents publish a retained
-//! `online` on every (re)connect and leave a retained `offline` as their last will. A device is
-//! online when its channel is up or its last presence message said `online`. Each `online`
+//! `{"state": "online", "services": [...]}` (older agents: the plain text `online`) on every
+//! (re)connect and leave a retained `offline` as their last will
+//! ([`crate::proto::device::Presence`]). A device is online when its channel is up or its last
+//! presence message said online; the services it lists gate tunnel create as the device
+//! channel's report does. Each `online`
 //! message (also the retained ones delivered when the server (re)subscribes) makes the server
 //! publish a native `connect` for every OPEN tunnel of the device, as the device channel does on
 //! every reconnect, so a notification lost to an outage is not lost for good.
 //!
 //! While the broker is unreachable the server keeps the presence it last knew (a device that
 //! left meanwhile shows online until the broker answers again and its retained `offline` comes
-//! back), queues notifications up to [`REQUEST_QUEUE`], and reconnects with jittered
+//! back), queues notifications up to [`crate::mqtt::REQUEST_QUEUE`], and reconnects with jittered
 //! exponential backoff capped at 30 s. The API never waits for the broker.
 //!
 //! The broker authenticates devices and keeps each to its own topics (ACLs): the server trusts
@@ -33,50 +36,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use dashmap::DashMap;
-use rand::Rng;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::json;
 use tokio::sync::watch;
 
 use super::ControlPlane;
-use crate::config::{MqttSettings, MqttUrl, Secret};
+use crate::config::MqttSettings;
+use crate::mqtt::{connect_options, Backoff, REQUEST_QUEUE};
+use crate::proto::device::{
+    notify_topic, parse_presence_topic, presence_topic, Presence, ServerMessage, PRESENCE_FILTER,
+};
 use crate::seam::CloseReason;
 use crate::store::Tunnel;
 
-/// The topic filter of every device's presence.
-pub const PRESENCE_FILTER: &str = "iotunnel/+/+/presence";
-/// Presence payload of a connected agent (retained).
-pub const ONLINE: &str = "online";
-/// Presence payload of an agent that left (its retained last will).
-pub const OFFLINE: &str = "offline";
 /// The `region` put into AWS notifications: iotunnel is no AWS region, so AWS-family agents
 /// must be pointed at the relay's endpoint (e.g. localproxy `--proxy-endpoint`).
 pub const AWS_REGION: &str = "iotunnel";
-/// Requests (publishes) queued for the broker; beyond this a notification is dropped with a
-/// warning (presence replay sends `connect`s again once the device is back).
-pub const REQUEST_QUEUE: usize = 10_000;
-/// Largest MQTT packet sent or accepted: a notification with 4096 chars of custom info fits.
-pub const MAX_PACKET: usize = 64 * 1024;
-/// MQTT keep-alive of the server's and the agents' connections.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
-/// First wait after a broker failure; doubled up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// Longest wait between reconnects to the broker.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// The native notification topic of a device.
-pub fn notify_topic(product_key: &str, device_name: &str) -> String {
-    format!("iotunnel/{product_key}/{device_name}/notify")
-}
-
-/// The presence topic of a device.
-pub fn presence_topic(product_key: &str, device_name: &str) -> String {
-    format!("iotunnel/{product_key}/{device_name}/presence")
-}
 
 /// The AWS notification topic of a thing.
 pub fn aws_topic(thing: &str) -> String {
@@ -88,73 +64,6 @@ pub fn alibaba_topic(product_key: &str, device_name: &str) -> String {
     format!("/sys/{product_key}/{device_name}/secure_tunnel/notify")
 }
 
-/// (product key, device name) of a presence topic.
-fn parse_presence_topic(topic: &str) -> Option<(&str, &str)> {
-    let mut parts = topic.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("iotunnel"), Some(pk), Some(dn), Some("presence"), None)
-            if !pk.is_empty() && !dn.is_empty() =>
-        {
-            Some((pk, dn))
-        }
-        _ => None,
-    }
-}
-
-/// MQTT options for a broker URL, with credentials and TLS (trusting `ca_file`, else the public
-/// web PKI roots) when the URL is `mqtts://`.
-pub fn connect_options(
-    url: &MqttUrl,
-    client_id: &str,
-    username: Option<&str>,
-    password: Option<&Secret>,
-    ca_file: Option<&std::path::Path>,
-) -> anyhow::Result<MqttOptions> {
-    let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
-    o.set_keep_alive(KEEP_ALIVE)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_request_channel_capacity(REQUEST_QUEUE);
-    if let Some(user) = username {
-        o.set_credentials(user, password.map(|p| p.0.as_str()).unwrap_or(""));
-    }
-    if url.tls {
-        let tls = crate::agent::dial::tls_config(ca_file)
-            .context("cannot set up TLS for the MQTT broker")?;
-        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    }
-    Ok(o)
-}
-
-/// Jittered exponential backoff for broker reconnects.
-#[derive(Debug)]
-pub struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self(FIRST_BACKOFF)
-    }
-}
-
-impl Backoff {
-    /// Starts over after a connection that worked.
-    pub fn reset(&mut self) {
-        self.0 = FIRST_BACKOFF;
-    }
-
-    /// The next wait (full jitter over its upper half); doubles the one after.
-    pub fn next_wait(&mut self) -> Duration {
-        let wait = rand::thread_rng().gen_range(self.0 / 2..=self.0);
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
-        wait
-    }
-}
-
 type DeviceKey = (String, String);
 
 /// The server's MQTT side: publishes notifications and knows which devices announced
@@ -162,7 +71,8 @@ type DeviceKey = (String, String);
 pub struct MqttNotifier {
     client: AsyncClient,
     settings: MqttSettings,
-    online: DashMap<DeviceKey, ()>,
+    /// Devices whose last presence said online, with the services they reported (if any).
+    online: DashMap<DeviceKey, Option<Vec<String>>>,
     connected: AtomicBool,
 }
 
@@ -207,6 +117,14 @@ impl MqttNotifier {
     pub fn is_online(&self, product_key: &str, device_name: &str) -> bool {
         self.online
             .contains_key(&(product_key.to_string(), device_name.to_string()))
+    }
+
+    /// The services a device online over MQTT reported in its presence; `None` when it is
+    /// offline here or did not report them.
+    pub fn services_of(&self, product_key: &str, device_name: &str) -> Option<Vec<String>> {
+        self.online
+            .get(&(product_key.to_string(), device_name.to_string()))
+            .and_then(|s| s.clone())
     }
 
     /// How many devices are online over MQTT.
@@ -279,8 +197,8 @@ impl MqttNotifier {
     /// Tells a deleted device's agent (native `{"operation":"device_deleted"}`, as the device
     /// channel closes with 4001) and clears its retained presence, so it no longer reads online.
     pub(super) fn publish_device_deleted(&self, product_key: &str, device_name: &str) {
-        let note = json!({ "operation": "device_deleted" });
-        self.publish(notify_topic(product_key, device_name), note.to_string());
+        let note = ServerMessage::DeviceDeleted.to_json();
+        self.publish(notify_topic(product_key, device_name), note);
         let presence = presence_topic(product_key, device_name);
         if let Err(e) =
             self.client
@@ -295,17 +213,15 @@ impl MqttNotifier {
     /// Records a presence message; true when it said `online`.
     fn on_presence(&self, product_key: &str, device_name: &str, payload: &[u8]) -> Option<bool> {
         let key = (product_key.to_string(), device_name.to_string());
-        match std::str::from_utf8(payload).map(str::trim) {
-            Ok(ONLINE) => {
-                self.online.insert(key, ());
+        match Presence::parse(payload)? {
+            Presence::Online { services } => {
+                self.online.insert(key, services);
                 Some(true)
             }
-            // An empty retained message clears the topic: the device is gone.
-            Ok(OFFLINE) | Ok("") => {
+            Presence::Offline => {
                 self.online.remove(&key);
                 Some(false)
             }
-            _ => None,
         }
     }
 }
@@ -417,31 +333,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topics() {
-        assert_eq!(notify_topic("pk", "d"), "iotunnel/pk/d/notify");
+    fn vendor_topics() {
         assert_eq!(aws_topic("pk_d"), "$aws/things/pk_d/tunnels/notify");
         assert_eq!(alibaba_topic("pk", "d"), "/sys/pk/d/secure_tunnel/notify");
-        assert_eq!(
-            parse_presence_topic(&presence_topic("pk", "d")),
-            Some(("pk", "d"))
-        );
-        for bad in [
-            "iotunnel/pk/presence",
-            "iotunnel/pk/d/notify",
-            "x/pk/d/presence",
-            "iotunnel//d/presence",
-            "iotunnel/pk/d/presence/x",
-        ] {
-            assert_eq!(parse_presence_topic(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn backoff_grows_to_the_cap() {
-        let mut b = Backoff::default();
-        let waits: Vec<_> = (0..10).map(|_| b.next_wait()).collect();
-        assert!(waits[0] <= FIRST_BACKOFF);
-        assert!(waits.iter().all(|w| *w <= MAX_BACKOFF));
-        assert!(waits[9] >= MAX_BACKOFF / 2);
     }
 }

@@ -109,6 +109,8 @@ pub struct DeviceView {
     pub device_name: String,
     /// Whether its device channel is connected.
     pub online: bool,
+    /// Its OPEN tunnels.
+    pub open_tunnels: u32,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -120,6 +122,7 @@ impl DeviceView {
             product_key: d.product_key,
             device_name: d.name,
             online,
+            open_tunnels: d.open_tunnels,
             created_at: rfc3339(d.created_at),
         }
     }

@@ -5,6 +5,8 @@
 //! - [`ws`]: WebSocket (RFC 6455) frames as the server sees them, the `Sec-WebSocket-Accept` key.
 //! - [`aws`]: the AWS IoT Secure Tunneling protocol V1-V3 (localproxy, aws-c-iot, our agents).
 //! - [`aliyun`]: the Alibaba Cloud `aliyun.iot.securetunnel-v1.1` protocol (Link SDK, `aiot`).
+//! - [`device`]: the device channel's messages and their MQTT topics, between the server and
+//!   the device agent (not spoken by the relay; here because both sides share it).
 //!
 //! Both tunnel protocols run inside binary WebSocket messages; a text frame is refused with
 //! close code 1003 ([`ws::reject_text`]).
@@ -103,6 +105,11 @@
 //! message ([`ws::FragmentTracker::in_message`]): localproxy drops what follows a control message
 //! in the same frame.
 //!
+//! iotunnel's own agent, when it cannot serve a connection (no local address for the service,
+//! or the local service refused), puts the reason, UTF-8, in the payload of the
+//! CONNECTION_RESET it sends; the relay forwards it like any message and iotunnel's client
+//! prints it. The protocol leaves a reset's payload unused, so other peers ignore it.
+//!
 //! # Alibaba Cloud secure tunnel ([`aliyun`])
 //!
 //! Subprotocol `aliyun.iot.securetunnel-v1.1`, in `Sec-WebSocket-Protocol` or in a plain
@@ -140,6 +147,7 @@
 
 pub mod aliyun;
 pub mod aws;
+pub mod device;
 pub mod ws;
 
 pub use aws::{BoundaryTracker, MessageHeader, ProtocolVersion, Side};

@@ -31,7 +31,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf
 use monoio::net::TcpStream;
 use rustls::pki_types::ServerName;
 
-use super::pump::Tls;
+use super::peer::Tls;
 use super::stats::MeshDirection;
 use super::tls::{ClientSession, Session};
 use super::upgrade::{self, Conn, Refusal, CIPHER_READ};

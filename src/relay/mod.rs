@@ -30,7 +30,9 @@ use crate::seam::{ConnectionEvent, DataPlaneSeam, MeshRoutes, RelayCommand, Side
 mod forward;
 pub mod mesh;
 mod outbox;
+mod peer;
 pub mod pump;
+mod slot;
 pub mod stats;
 mod sys;
 pub mod tls;

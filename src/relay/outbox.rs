@@ -3,10 +3,23 @@
 //! an empty queue holds no memory, so an idle peer costs little more than this struct.
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::pump::{Ctl, Queued};
+/// A frame queued for a writer, with when it was read (for the forwarding latency).
+pub(super) type Queued = (Bytes, Option<Instant>);
+
+/// Something for a peer's writer besides forwarded frames; served first.
+pub(super) enum Ctl {
+    /// A whole frame of our own (pong, ping, SERVICE_IDS, relay answers).
+    Frame(Vec<u8>),
+    /// The TLS session has records to send (alerts, key updates).
+    FlushTls,
+    /// Send a close frame and end the connection.
+    Close(u16, String),
+}
 
 /// Why a frame was not queued.
 pub(super) enum Refused {

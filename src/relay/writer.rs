@@ -7,7 +7,8 @@ use bytes::Bytes;
 use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use super::pump::{Ctl, Peer, Tls};
+use super::outbox::Ctl;
+use super::peer::{Peer, Tls};
 use super::{sys, ShardCtx};
 use crate::proto::ws::{self, close_code};
 

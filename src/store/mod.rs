@@ -77,6 +77,82 @@ pub struct Device {
     pub secret: String,
     /// Creation time.
     pub created_at: Millis,
+    /// Its OPEN tunnels, as the store counts them (ignored by `create_device`).
+    pub open_tunnels: u32,
+}
+
+/// Where an API key came from; `Env` keys are the ones a restart with a new
+/// `IOTUNNEL_ADMIN_KEY` retires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// `IOTUNNEL_ADMIN_KEY` at a server start.
+    Env,
+    /// Generated and printed at the first start, when no `IOTUNNEL_ADMIN_KEY` was set.
+    Generated,
+    /// Returned by `POST /v1/accounts` with the new account.
+    Account,
+    /// Created with `POST /v1/keys`.
+    Api,
+}
+
+impl KeyOrigin {
+    /// `env`, `generated`, `account` or `api`, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::Env => "env",
+            KeyOrigin::Generated => "generated",
+            KeyOrigin::Account => "account",
+            KeyOrigin::Api => "api",
+        }
+    }
+
+    /// Parses what [`KeyOrigin::as_str`] wrote; anything else reads as `Api`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "env" => KeyOrigin::Env,
+            "generated" => KeyOrigin::Generated,
+            "account" => KeyOrigin::Account,
+            _ => KeyOrigin::Api,
+        }
+    }
+}
+
+/// An API key as stored: only the SHA-256 of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Public id (`key_...`), what lists show and revoke takes.
+    pub id: String,
+    /// The account it authenticates as.
+    pub account_id: String,
+    /// A label for people.
+    pub name: String,
+    /// Where it came from.
+    pub origin: KeyOrigin,
+    /// SHA-256 of the secret.
+    pub key_hash: SecretHash,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Last authenticated use, as recorded (at most about a minute old while in use).
+    pub last_used_at: Option<Millis>,
+    /// When it was revoked; a revoked key never authenticates again.
+    pub revoked_at: Option<Millis>,
+}
+
+/// An API key to store.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    /// Public id (`key_...`).
+    pub id: String,
+    /// The account it authenticates as.
+    pub account_id: String,
+    /// A label for people.
+    pub name: String,
+    /// Where it came from.
+    pub origin: KeyOrigin,
+    /// SHA-256 of the secret.
+    pub key_hash: SecretHash,
+    /// Creation time.
+    pub created_at: Millis,
 }
 
 /// OPEN or CLOSED.
@@ -261,6 +337,21 @@ pub struct NodeRecord {
     pub draining: bool,
 }
 
+/// An access key pair of an account, which signs requests to the vendor facades (AWS SigV4,
+/// Alibaba's RPC signatures). The secret is kept only sealed with the server's access-key
+/// encryption key (see [`crate::control::access_keys`]): the database alone does not reveal it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessKey {
+    /// The access key id (`IOTK...`), public.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// The secret access key, sealed (nonce and AES-256-GCM ciphertext).
+    pub sealed_secret: Vec<u8>,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
 /// What arrives on a fleet subscription ([`Store::subscribe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusEvent {
@@ -277,24 +368,47 @@ pub enum BusEvent {
 pub trait Store: Send + Sync + 'static {
     /// The admin account, if created.
     async fn admin_account(&self) -> StoreResult<Option<Account>>;
-    /// Creates an account with one API key.
+    /// Creates an account (created at `key.created_at`) with one API key.
     async fn create_account(
         &self,
         id: String,
         name: String,
         is_admin: bool,
-        key_hash: SecretHash,
-        now: Millis,
+        key: NewApiKey,
     ) -> StoreResult<Account>;
-    /// Adds an API key to an account (no-op if present).
-    async fn add_api_key(
+    /// Adds an API key; when its hash is already stored (revoked, or another account's
+    /// included), changes nothing and returns the stored key.
+    async fn add_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey>;
+    /// The account an unrevoked API key belongs to, and the key.
+    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<(Account, ApiKey)>>;
+    /// The unrevoked API keys of an account (`None`: of every account), oldest first.
+    async fn list_api_keys(&self, account_id: Option<String>) -> StoreResult<Vec<ApiKey>>;
+    /// Revokes an unrevoked key of the account (`None`: of any account); returns it revoked.
+    async fn revoke_api_key(
+        &self,
+        account_id: Option<String>,
+        key_id: String,
+        now: Millis,
+    ) -> StoreResult<ApiKey>;
+    /// Revokes every unrevoked key of the account from `origin` except `keep_id`; returns them.
+    async fn retire_api_keys(
         &self,
         account_id: String,
-        key_hash: SecretHash,
+        origin: KeyOrigin,
+        keep_id: String,
         now: Millis,
-    ) -> StoreResult<()>;
-    /// The account an API key belongs to.
-    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<Account>>;
+    ) -> StoreResult<Vec<ApiKey>>;
+    /// Records a use of a key at `at` (kept when later than the recorded one).
+    async fn touch_api_key(&self, key_id: String, at: Millis) -> StoreResult<()>;
+
+    /// Stores a new access key of an existing account.
+    async fn create_access_key(&self, key: AccessKey) -> StoreResult<()>;
+    /// The account's access keys, oldest first.
+    async fn list_access_keys(&self, account_id: String) -> StoreResult<Vec<AccessKey>>;
+    /// Revokes (deletes) an access key of the account.
+    async fn delete_access_key(&self, account_id: String, key_id: String) -> StoreResult<()>;
+    /// An access key by id, any account, with its account.
+    async fn access_key(&self, key_id: String) -> StoreResult<Option<(AccessKey, Account)>>;
 
     /// Creates a product.
     async fn create_product(&self, product: Product) -> StoreResult<Product>;
@@ -358,6 +472,40 @@ pub trait Store: Send + Sync + 'static {
         product_key: String,
         device_name: String,
     ) -> StoreResult<Vec<Tunnel>>;
+    /// The tags of the account's tunnel, by key.
+    async fn tunnel_tags(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+    ) -> StoreResult<Vec<(String, String)>>;
+    /// Adds tags to the account's tunnel, replacing the values of keys it already has.
+    async fn tag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        tags: Vec<(String, String)>,
+    ) -> StoreResult<()>;
+    /// Removes tags (absent keys are ignored) from the account's tunnel.
+    async fn untag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        keys: Vec<String>,
+    ) -> StoreResult<()>;
+    /// Turns the tunnel switch of the account's device off (`disabled`: no new tunnels) or on.
+    async fn set_device_tunnels_disabled(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        disabled: bool,
+    ) -> StoreResult<()>;
+    /// Whether the device's tunnel switch is off (false for an unknown device).
+    async fn device_tunnels_disabled(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<bool>;
     /// Every OPEN tunnel (to rebuild the index at start).
     async fn all_open_tunnels(&self) -> StoreResult<Vec<Tunnel>>;
     /// Closes every OPEN tunnel whose `expires_at` is at or before `now`; returns them.

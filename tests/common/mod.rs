@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod peers;
 pub mod pg;
 pub mod process;
+pub mod vendor;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -58,6 +58,9 @@ async function scenario() {
   // 1. Sign in: a wrong key shows the server's message; the right one (typed, Enter) signs in.
   await page.goto(`${BASE}/`);
   await c.visible('#page-signin');
+  await c.text('#signin-help', (t) => t.includes('IOTUNNEL_ADMIN_KEY') && t.includes('iotunnel key create')
+    && t.includes('iotunnel account create'), 'the sign-in page says where a key comes from');
+  c.ok(await page.isHidden('#signin-status'), 'no "signed out" before signing in');
   await c.shot('01-signin');
   await page.fill('#signin-key', 'itk_wrong-key');
   await page.click('#signin-form button[type="submit"]');
@@ -79,17 +82,21 @@ async function scenario() {
   await c.text(productRow.locator('td').first(), productName, 'the product name is plain text');
   const productKey = await productRow.getAttribute('data-key');
   await c.noXss('product list');
+  await c.text('#banner-text', /^Product .* created: /, 'the product is announced');
   await c.shot('03-products');
 
-  // 3. A device: its secret is shown once, and Copy puts it on the clipboard.
+  // 3. A device: its secret is shown once, and Copy puts it on the clipboard. The product's
+  // notice stayed with the products page.
   await page.click('nav a[data-page="devices"]');
+  await c.hidden('#banner');
   await c.value('#device-product', productKey);
   await page.fill('#device-name', 'cam-1');
   await page.click('#device-form button[type="submit"]');
   await c.visible('#dlg-secret');
   const secret = await page.textContent('#secret-value');
   c.match(secret, /^[A-Za-z0-9_-]{43}$/, 'the device secret is 256 bits, base64url');
-  await c.text('#secret-command', (t) => t.includes(secret) && t.includes(`--product-key ${productKey}`),
+  await c.text('#secret-command', (t) => t.includes(secret) && t.includes(`--product-key ${productKey}`)
+    && t.includes('--ca-file '),
     'the agent command');
   await page.click('#secret-copy');
   await c.text('#secret-copied', /Copied/, 'Copy reports success');
@@ -98,6 +105,7 @@ async function scenario() {
   await page.keyboard.press('Escape');
   await c.hidden('#dlg-secret');
   await c.text('#device-rows tr[data-device="cam-1"]', /Offline/, 'the new device is offline');
+  await c.text('#device-rows tr[data-device="cam-1"] [data-label="Open tunnels"]', 'None', 'no tunnel yet');
   // Errors show the API's message: the same name again is a conflict.
   await page.fill('#device-name', 'cam-1');
   await page.click('#device-form button[type="submit"]');
@@ -107,8 +115,12 @@ async function scenario() {
   await page.click('nav a[data-page="tunnels"]');
   await page.click('#create-tunnel');
   await c.visible('#dlg-create');
-  await c.text('#create-device-why', /is online/, 'the reason no device is listed');
+  c.equal(await page.textContent('#dlg-create-title'), await page.textContent('#create-tunnel'),
+    'the dialog is titled like the button that opens it');
+  await c.text('#create-device-why', /^This product's device is not online\. /, 'the reason no device is listed');
+  await c.text('#create-device-why', (t) => !t.includes('(s)'), 'no "device(s)"');
   c.ok(await page.isDisabled('#create-ok'), 'OK is disabled without an online device');
+  await sameLine('#dlg-create [data-close]', '#create-ok', 'Cancel and OK');
   await c.shot('05-create-offline');
   await page.click('#dlg-create [data-close]');
 
@@ -290,11 +302,65 @@ async function scenario() {
   await page.click('nav a[data-page="products"]');
   await c.visible('#page-products');
   await c.shot('20-mobile-products', { fullPage: true });
+  // The device command wraps between words at 390 px, never inside a flag.
+  await page.click('nav a[data-page="devices"]');
+  await c.text('#device-rows tr[data-device="cam-1"] [data-label="Open tunnels"]', `${all.length} open`,
+    'the open tunnels at 390 px');
+  c.ok(await page.evaluate(() => document.documentElement.scrollWidth <= 390), 'no horizontal scroll on Devices');
+  await c.shot('20a-mobile-devices', { fullPage: true });
+  await page.fill('#device-name', 'cam-2');
+  await page.click('#device-form button[type="submit"]');
+  await c.visible('#dlg-secret');
+  const flags = await page.$$eval('#secret-command .flag', (spans) => spans.map((f) => ({
+    text: f.textContent, lines: f.getClientRects().length, top: Math.round(f.getBoundingClientRect().top),
+  })));
+  c.ok(flags.length >= 3, `the command's flags are marked (${JSON.stringify(flags)})`);
+  for (const f of flags) c.equal(f.lines, 1, `${f.text} stays on one line`);
+  c.ok(new Set(flags.map((f) => f.top)).size > 1, 'at 390 px the command wraps over several lines');
+  c.ok(await page.$eval('#secret-command', (p) => p.scrollWidth <= p.clientWidth), 'the command fits 390 px');
+  await c.shot('20b-mobile-device-command');
+  await page.keyboard.press('Escape');
+  await c.hidden('#dlg-secret');
   await page.setViewportSize({ width: 1280, height: 900 });
 
-  // 16. Sign out: the key is forgotten.
+  // 16. Devices: each with its state and OPEN tunnels (a link to them); Delete asks first,
+  // closes its tunnels and tells its agent.
+  const cam1 = page.locator('#device-rows tr[data-device="cam-1"]');
+  await c.text(cam1.locator('[data-label="Status"]'), 'Online', 'cam-1 is online');
+  await c.text(cam1.locator('[data-label="Open tunnels"]'), `${all.length} open`, "cam-1's open tunnels");
+  await c.text('#device-rows tr[data-device="cam-2"] [data-label="Status"]', 'Offline', 'cam-2 has no agent');
+  await c.shot('20c-devices');
+  await cam1.getByRole('link', { name: 'Open tunnels of cam-1' }).click();
+  await c.visible('#page-tunnels');
+  await c.value('#search-device', 'cam-1');
+  await c.value('#search-state', 'OPEN');
+  await c.rows(all, "the link lists cam-1's OPEN tunnels");
+  await page.click('nav a[data-page="devices"]');
+  await cam1.getByRole('button', { name: 'Delete device cam-1' }).click();
+  await c.visible('#dlg-confirm');
+  await c.text('#dlg-confirm-title', 'Delete Device', 'the confirmation title');
+  await c.text('#confirm-text', new RegExp(`closes its ${all.length} open tunnels at once`), 'the warning counts the tunnels');
+  await c.text('#confirm-text', /cannot undo/, 'the warning says it is final');
+  await c.text('#confirm-list', 'cam-1', 'the device to delete');
+  await sameLine('#dlg-confirm button[value="cancel"]', '#confirm-ok', 'Cancel and Delete Device');
+  await c.shot('20d-device-delete-confirm');
+  await page.click('#confirm-ok');
+  await c.text('#banner-text', `Device cam-1 deleted; ${all.length} tunnels closed.`, 'the deletion is announced');
+  await c.until(async () => (await cam1.count()) === 0, 'cam-1 left the list', () => cam1.count());
+  await c.text('#device-rows', /cam-2/, 'cam-2 stays');
+  await c.shot('20e-device-deleted');
+  await page.click('nav a[data-page="tunnels"]');
+  await c.hidden('#banner');
+  await c.rows([], 'no OPEN tunnel of cam-1 is left (the search from the link stays)');
+  await page.click('#search-form button[type="reset"]');
+  await c.rows(all, 'reset shows them all');
+  await c.text(row(d.id).locator('[data-label="State"]'), 'CLOSED', "the device's tunnels closed");
+
+  // 17. Sign out: the key is forgotten, and the page says so.
   await page.click('#sign-out');
   await c.visible('#page-signin');
+  await c.text('#signin-status', /^You are signed out\./, 'signing out says so');
+  c.ok(await page.isHidden('#signin-error'), 'a sign-out is not an error');
   c.equal(await page.evaluate(() => sessionStorage.length), 0, 'sign-out forgets the key');
   c.equal(await page.locator('#tunnel-rows tr').count(), 0, 'no data left on the page');
   await c.shot('21-signed-out');
@@ -327,6 +393,14 @@ async function createTunnel({ custom = '', description = '', lifetime = '', shot
     'the client command');
   log(`created tunnel ${t.id}`);
   return t;
+}
+
+/** Both controls sit on one line: same top and height (the create dialog's Cancel and OK). */
+async function sameLine(a, b, what) {
+  const [ra, rb] = [await page.locator(a).boundingBox(), await page.locator(b).boundingBox()];
+  c.ok(ra && rb, `${what} are visible`);
+  c.ok(Math.abs(ra.y - rb.y) < 0.5 && Math.abs(ra.height - rb.height) < 0.5,
+    `${what} are aligned: ${JSON.stringify([ra, rb])}`);
 }
 
 /** Ticks the rows of `ids` (and only those). */

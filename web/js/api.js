@@ -83,6 +83,7 @@ export const api = {
   createProduct: (name) => call('POST', '/v1/products', { name }),
   devices: (pk) => call('GET', `/v1/products/${seg(pk)}/devices`).then((r) => r.devices),
   createDevice: (pk, name) => call('POST', `/v1/products/${seg(pk)}/devices`, { name }),
+  deleteDevice: (pk, name) => call('DELETE', `/v1/products/${seg(pk)}/devices/${seg(name)}`),
   tunnels: (filter) => call('GET', `/v1/tunnels${q(filter)}`),
   tunnel: (id) => call('GET', `/v1/tunnels/${seg(id)}`),
   createTunnel: (spec) => call('POST', '/v1/tunnels', spec),

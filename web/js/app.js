@@ -1,6 +1,6 @@
 // The console's entry point: sign-in, navigation between pages and the live refresh.
 import { apiKey, call, forgetApiKey, setApiKey, setUnauthorizedHandler } from './api.js';
-import { $, clearNotice, dialogOpen, notify, showError, wireDialogs } from './dom.js';
+import { $, clearNews, clearNotice, dialogOpen, notify, showError, wireDialogs } from './dom.js';
 import { devicesPage, productsPage } from './inventory.js';
 import { tunnelsPage } from './tunnels.js';
 
@@ -54,18 +54,24 @@ function route() {
     if (a.dataset.page === name) a.setAttribute('aria-current', 'page');
     else a.removeAttribute('aria-current');
   }
-  if (changed) $('main').focus({ preventScroll: true });
+  if (changed) {
+    // News belongs to the page it was about; errors stay until dismissed.
+    clearNews();
+    $('main').focus({ preventScroll: true });
+  }
   refreshing = false;
   refresh(params);
 }
 
-function signOut(message) {
+/** Forgets the key and shows the sign-in page: with `error` when the server refused the key. */
+function signOut(error) {
   forgetApiKey();
   for (const dlg of document.querySelectorAll('dialog[open]')) dlg.close();
   for (const page of Object.values(pages)) page.reset();
   clearNotice();
   $('signin-key').value = '';
-  showError($('signin-error'), message);
+  showError($('signin-error'), error);
+  showError($('signin-status'), error ? '' : 'You are signed out. The API key was forgotten in this tab.');
   route();
 }
 
@@ -73,6 +79,7 @@ $('signin-form').addEventListener('submit', async (e) => {
   e.preventDefault();
   const key = $('signin-key').value.trim();
   showError($('signin-error'), '');
+  showError($('signin-status'), '');
   try {
     // Any authenticated read proves the key.
     await call('GET', '/v1/products', undefined, key);

@@ -111,6 +111,32 @@ export function confirmDialog({ title, text, ok, items = [] }) {
   });
 }
 
+/**
+ * Shows a shell command in `node` (a `<pre>`): the same text, with each `--flag` in a span that
+ * never breaks across lines, so narrow screens wrap between words, not inside a flag name.
+ */
+export function showCommand(node, command) {
+  const parts = [];
+  let word = '';
+  let quoted = false;
+  const flush = () => {
+    if (word) parts.push(word.startsWith('--') ? el('span', { class: 'flag' }, word) : word);
+    word = '';
+  };
+  for (let i = 0; i < command.length; i += 1) {
+    const ch = command[i];
+    if (ch === "'" && (quoted || command[i - 1] !== '\\')) quoted = !quoted;
+    if (ch === ' ' && !quoted) {
+      flush();
+      parts.push(' ');
+    } else {
+      word += ch;
+    }
+  }
+  flush();
+  fill(node, parts);
+}
+
 /** Quotes a string for a POSIX shell. */
 export function shellQuote(s) {
   return /^[A-Za-z0-9_./:=@%+,-]+$/.test(s) ? s : `'${s.replaceAll("'", "'\\''")}'`;
@@ -127,6 +153,12 @@ export function notify(message, kind = 'error') {
   banner.hidden = false;
   clearTimeout(bannerTimer);
   if (kind !== 'error') bannerTimer = setTimeout(() => { banner.hidden = true; }, 6000);
+}
+
+/** Hides the banner unless it holds an error (navigation leaves errors up, news not). */
+export function clearNews() {
+  if ($('banner').classList.contains('error')) return;
+  clearNotice();
 }
 
 /** Hides the banner. */

@@ -1,6 +1,8 @@
 // The products and devices pages, and the product list other pages share.
 import { api } from './api.js';
-import { $, badge, copyText, el, fields, fill, notify, options, shellQuote, showError, time } from './dom.js';
+import {
+  $, badge, confirmDialog, copyText, el, fields, fill, notify, options, shellQuote, showCommand, showError, time,
+} from './dom.js';
 
 /** The account's products, as last loaded. */
 export let products = [];
@@ -110,11 +112,9 @@ export const devicesPage = {
     const snapshot = JSON.stringify(devices);
     if (snapshot === lastDevices) return;
     lastDevices = snapshot;
-    fill($('device-rows'), devices.map((d) => el('tr', { 'data-device': d.device_name },
-      cell('Device name', d.device_name),
-      cell('Status', d.online ? badge('Online', 'ok') : badge('Offline', 'off')),
-      cell('Created', time(d.created_at)),
-    )));
+    const focused = document.activeElement?.dataset?.focus;
+    fill($('device-rows'), devices.map((d) => deviceRow(d, () => this.refresh())));
+    if (focused) document.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
     $('device-empty').hidden = devices.length > 0;
   },
 
@@ -123,6 +123,46 @@ export const devicesPage = {
     fill($('device-rows'));
   },
 };
+
+/** A device's row: online state, its OPEN tunnels (a link to them) and Delete. */
+function deviceRow(d, reload) {
+  const name = d.device_name;
+  const open = d.open_tunnels ?? 0;
+  const search = new URLSearchParams({ product_key: d.product_key, device_name: name, state: 'OPEN' });
+  return el('tr', { 'data-device': name },
+    cell('Device name', name),
+    cell('Status', d.online ? badge('Online', 'ok') : badge('Offline', 'off')),
+    cell('Open tunnels', open === 0 ? el('span', { class: 'muted', 'data-open': '0' }, 'None')
+      : el('a', { href: `#/tunnels?${search}`, 'data-open': String(open), 'aria-label': `Open tunnels of ${name}` },
+        `${open} open`)),
+    cell('Created', time(d.created_at)),
+    cell('Actions', el('span', { class: 'row-actions' }, el('button', {
+      type: 'button',
+      class: 'link danger',
+      'aria-label': `Delete device ${name}`,
+      'data-focus': `${name}:delete`,
+      onclick: () => deleteDevice(d, reload),
+    }, 'Delete'))),
+  );
+}
+
+/** Deletes a device after the same kind of confirmation as closing a tunnel. */
+async function deleteDevice(d, reload) {
+  const name = d.device_name;
+  const open = d.open_tunnels ?? 0;
+  const tunnels = open === 1 ? 'its open tunnel' : `its ${open} open tunnels`;
+  const text = `Deleting the device removes it and its secret for good${open ? ` and closes ${tunnels} at once, `
+    + 'disconnecting their clients' : ''}. Its agent is told and stops. You cannot undo this; the same name `
+    + 'can be created again later with a new secret.';
+  if (!await confirmDialog({ title: 'Delete Device', text, ok: 'Delete Device', items: [name] })) return;
+  try {
+    await api.deleteDevice(d.product_key, name);
+    notify(`Device ${name} deleted${open ? `; ${open === 1 ? '1 tunnel' : `${open} tunnels`} closed` : ''}.`, 'info');
+  } catch (err) {
+    notify(`Could not delete device ${name}: ${err.display ?? err.message}`);
+  }
+  await reload().catch((err) => notify(err.display ?? err.message));
+}
 
 let secretText = '';
 
@@ -134,8 +174,10 @@ function showSecret(d) {
     ['Device secret', el('code', { id: 'secret-value', class: 'secret' }, d.device_secret)],
   ]);
   const command = `IOTUNNEL_DEVICE_SECRET=${shellQuote(d.device_secret)} iotunnel device --api ${shellQuote(location.origin)}`
-    + ` --product-key ${shellQuote(d.product_key)} --device-name ${shellQuote(d.device_name)}`;
-  $('secret-command').textContent = command;
+    + ` --product-key ${shellQuote(d.product_key)} --device-name ${shellQuote(d.device_name)}`
+    // The relay's certificate comes from the server's own CA: the agent must trust it.
+    + ' --ca-file iotunnel-data/tls/ca.pem';
+  showCommand($('secret-command'), command);
   secretText = `Product key: ${d.product_key}\nDevice name: ${d.device_name}\nDevice secret: ${d.device_secret}\n`
     + `Device agent: ${command}\n`;
   $('secret-copied').textContent = '';

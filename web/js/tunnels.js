@@ -2,13 +2,16 @@
 // batch operations.
 import { api } from './api.js';
 import {
-  $, badge, bytes, confirmDialog, el, fields, fill, ms, notify, options, shellQuote, showError, time,
+  $, badge, bytes, confirmDialog, el, fields, fill, ms, notify, options, shellQuote, showCommand, showError, time,
 } from './dom.js';
 import { cell, copy, loadProducts, productName, productOptions, products } from './inventory.js';
 
 const CLOSE_WARNING = 'Closing a secure tunnel immediately disconnects the client and the device. '
   + 'You cannot reopen the tunnel. This may cause service unavailability or affect your business. '
   + 'Proceed with caution.';
+
+/** The search form's fields, also accepted in the page's location (`#/tunnels?state=OPEN`). */
+const SEARCH_FIELDS = ['product_key', 'device_name', 'tunnel_id', 'state'];
 
 const state = {
   filter: {},
@@ -45,9 +48,17 @@ export const tunnelsPage = {
     $('dlg-view').addEventListener('close', () => clearInterval(viewTimer));
   },
 
-  async refresh() {
+  async refresh(params) {
     await loadProducts();
     options($('search-product'), [['', 'All products'], ...productOptions()]);
+    if (params && SEARCH_FIELDS.some((f) => params.has(f))) {
+      // A link to a search (`#/tunnels?device_name=...`, from the devices page): apply it once.
+      const filter = Object.fromEntries(SEARCH_FIELDS.map((f) => [f, params.get(f) ?? '']));
+      for (const f of $('search-form').elements) if (f.name in filter) f.value = filter[f.name];
+      history.replaceState(null, '', '#/tunnels');
+      search(filter);
+      return;
+    }
     const r = await api.tunnels({
       ...state.filter,
       page_size: $('page-size').value,
@@ -274,8 +285,9 @@ async function loadDevices() {
     }
     if (total === 0) why.textContent = 'This product has no devices yet: create one on the Devices page.';
     else if (online.length === 0) {
-      why.textContent = `None of this product's ${total} device(s) is online. A device is online while its `
-        + 'agent (iotunnel device) keeps its device channel to this server connected. Start it, then Refresh.';
+      const none = total === 1 ? "This product's device is not online." : `None of this product's ${total} devices is online.`;
+      why.textContent = `${none} A device is online while its agent (iotunnel device) keeps its device `
+        + 'channel to this server connected. Start it, then Refresh.';
     } else why.textContent = `Only online devices are listed (${online.length} of ${total}).`;
   }
   options(select, online.length ? online.map((n) => [n, n]) : [['', 'No online device']]);
@@ -299,7 +311,7 @@ function showResult(t, services) {
     ['Client endpoint', el('code', { id: 'result-endpoint' }, t.client_endpoint)],
     ['Expires', time(t.expires_at)],
   ]);
-  $('result-command').textContent = command;
+  showCommand($('result-command'), command);
   resultText = [`Tunnel ID: ${t.tunnel_id}`, `Client token: ${t.client_token}`, `Client URL: ${t.client_url}`,
     `Client endpoint: ${t.client_endpoint}`, `Client command: ${command}`, ''].join('\n');
   $('result-copied').textContent = '';

@@ -21,9 +21,9 @@ impl Store for PgStore {
         id: String,
         name: String,
         is_admin: bool,
-        key_hash: SecretHash,
-        now: Millis,
+        key: NewApiKey,
     ) -> StoreResult<Account> {
+        let now = key.created_at;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db_err)?;
         execute(
@@ -32,12 +32,13 @@ impl Store for PgStore {
             &[&id, &name, &is_admin, &now],
         )
         .await?;
-        execute(
-            &tx,
-            "INSERT INTO api_keys (key_hash, account_id, created_at) VALUES ($1, $2, $3)",
-            &[&&key_hash[..], &id, &now],
-        )
-        .await?;
+        let key = NewApiKey {
+            account_id: id.clone(),
+            ..key
+        };
+        if keys::insert(&tx, &key).await? == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
         tx.commit().await.map_err(db_err)?;
         Ok(Account {
             id,
@@ -47,32 +48,107 @@ impl Store for PgStore {
         })
     }
 
-    async fn add_api_key(
-        &self,
-        account_id: String,
-        key_hash: SecretHash,
-        now: Millis,
-    ) -> StoreResult<()> {
+    async fn add_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
         let c = self.client().await?;
-        execute(
-            &c,
-            "INSERT INTO api_keys (key_hash, account_id, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (key_hash) DO NOTHING",
-            &[&&key_hash[..], &account_id, &now],
-        )
-        .await
-        .map(drop)
+        keys::add(&c, &key).await
     }
 
-    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<Account>> {
+    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<(Account, ApiKey)>> {
         let c = self.client().await?;
-        let sql = "SELECT a.id, a.name, a.is_admin, a.created_at FROM api_keys k \
-                   JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = $1";
-        query_opt(&c, sql, &[&&key_hash[..]])
-            .await?
-            .as_ref()
-            .map(account_from_row)
-            .transpose()
+        keys::account_by_key(&c, &key_hash).await
+    }
+
+    async fn list_api_keys(&self, account_id: Option<String>) -> StoreResult<Vec<ApiKey>> {
+        let c = self.client().await?;
+        keys::list(&c, account_id.as_deref()).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        account_id: Option<String>,
+        key_id: String,
+        now: Millis,
+    ) -> StoreResult<ApiKey> {
+        let c = self.client().await?;
+        keys::revoke(&c, account_id.as_deref(), &key_id, now).await
+    }
+
+    async fn retire_api_keys(
+        &self,
+        account_id: String,
+        origin: KeyOrigin,
+        keep_id: String,
+        now: Millis,
+    ) -> StoreResult<Vec<ApiKey>> {
+        let c = self.client().await?;
+        keys::retire(&c, &account_id, origin, &keep_id, now).await
+    }
+
+    async fn touch_api_key(&self, key_id: String, at: Millis) -> StoreResult<()> {
+        let c = self.client().await?;
+        keys::touch(&c, &key_id, at).await
+    }
+
+    async fn create_access_key(&self, key: AccessKey) -> StoreResult<()> {
+        self.create_access_key_impl(key).await
+    }
+
+    async fn list_access_keys(&self, account_id: String) -> StoreResult<Vec<AccessKey>> {
+        self.list_access_keys_impl(account_id).await
+    }
+
+    async fn delete_access_key(&self, account_id: String, key_id: String) -> StoreResult<()> {
+        self.delete_access_key_impl(account_id, key_id).await
+    }
+
+    async fn access_key(&self, key_id: String) -> StoreResult<Option<(AccessKey, Account)>> {
+        self.access_key_impl(key_id).await
+    }
+
+    async fn tunnel_tags(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+    ) -> StoreResult<Vec<(String, String)>> {
+        self.tunnel_tags_impl(account_id, tunnel_id).await
+    }
+
+    async fn tag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        tags: Vec<(String, String)>,
+    ) -> StoreResult<()> {
+        self.tag_tunnel_impl(account_id, tunnel_id, tags).await
+    }
+
+    async fn untag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        keys: Vec<String>,
+    ) -> StoreResult<()> {
+        self.untag_tunnel_impl(account_id, tunnel_id, keys).await
+    }
+
+    async fn set_device_tunnels_disabled(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        disabled: bool,
+    ) -> StoreResult<()> {
+        self.set_device_tunnels_disabled_impl(account_id, product_key, device_name, disabled)
+            .await
+    }
+
+    async fn device_tunnels_disabled(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<bool> {
+        self.device_tunnels_disabled_impl(product_key, device_name)
+            .await
     }
 
     async fn create_product(&self, p: Product) -> StoreResult<Product> {
@@ -136,7 +212,7 @@ impl Store for PgStore {
     ) -> StoreResult<Vec<Device>> {
         let c = self.client().await?;
         product_owned(&c, &account_id, &product_key).await?;
-        let sql = "SELECT product_key, name, secret, created_at FROM devices \
+        let sql = "SELECT product_key, name, secret, created_at, open_tunnels FROM devices \
                    WHERE product_key = $1 ORDER BY created_at, name";
         query(&c, sql, &[&product_key])
             .await?
@@ -148,6 +224,7 @@ impl Store for PgStore {
                     name: r.try_get(1)?,
                     secret: r.try_get(2)?,
                     created_at: r.try_get(3)?,
+                    open_tunnels: r.try_get::<_, i64>(4)? as u32,
                 })
             })
             .collect::<Result<_, _>>()
@@ -160,8 +237,8 @@ impl Store for PgStore {
         device_name: String,
     ) -> StoreResult<Option<Device>> {
         let c = self.client().await?;
-        let sql = "SELECT d.product_key, p.account_id, d.name, d.secret, d.created_at \
-                   FROM devices d JOIN products p ON p.product_key = d.product_key \
+        let sql = "SELECT d.product_key, p.account_id, d.name, d.secret, d.created_at, \
+                   d.open_tunnels FROM devices d JOIN products p ON p.product_key = d.product_key \
                    WHERE d.product_key = $1 AND d.name = $2";
         let Some(r) = query_opt(&c, sql, &[&product_key, &device_name]).await? else {
             return Ok(None);
@@ -173,6 +250,7 @@ impl Store for PgStore {
                 name: r.try_get(2)?,
                 secret: r.try_get(3)?,
                 created_at: r.try_get(4)?,
+                open_tunnels: r.try_get::<_, i64>(5)? as u32,
             })
         };
         device().map(Some).map_err(db_err)

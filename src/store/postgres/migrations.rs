@@ -155,6 +155,40 @@ CREATE TRIGGER tunnels_count_open_delete AFTER DELETE ON tunnels
 REFERENCING OLD TABLE AS old_rows
 FOR EACH STATEMENT EXECUTE FUNCTION tunnels_count_open_delete();
 "#,
+    // API keys get a public id, a name, an origin, a last-used time and revocation. Which admin
+    // keys came from IOTUNNEL_ADMIN_KEY was never recorded: all are taken as env-given, so the
+    // next start with a new IOTUNNEL_ADMIN_KEY retires them.
+    r#"
+ALTER TABLE api_keys ADD COLUMN id TEXT;
+ALTER TABLE api_keys ADD COLUMN name TEXT NOT NULL DEFAULT 'created with the account';
+ALTER TABLE api_keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'account';
+ALTER TABLE api_keys ADD COLUMN last_used_at BIGINT;
+ALTER TABLE api_keys ADD COLUMN revoked_at BIGINT;
+UPDATE api_keys SET id = 'key_' || substr(md5(random()::text || encode(key_hash, 'hex')), 1, 16);
+UPDATE api_keys SET origin = 'env', name = 'IOTUNNEL_ADMIN_KEY'
+WHERE account_id IN (SELECT id FROM accounts WHERE is_admin);
+ALTER TABLE api_keys ALTER COLUMN id SET NOT NULL;
+CREATE UNIQUE INDEX api_keys_by_id ON api_keys(id);
+CREATE INDEX api_keys_by_account ON api_keys(account_id, created_at);
+"#,
+    // Vendor facades (issue 13): access keys (secrets sealed with the server's key), tunnel
+    // tags (AWS TagResource), and the per-device tunnel switch (Alibaba DisableDeviceTunnel).
+    r#"
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    sealed_secret BYTEA NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX access_keys_by_account ON access_keys(account_id, created_at);
+CREATE TABLE tunnel_tags (
+    tunnel_id TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (tunnel_id, key)
+);
+ALTER TABLE devices ADD COLUMN tunnels_disabled BOOLEAN NOT NULL DEFAULT FALSE;
+"#,
 ];
 
 /// Brings the schema up to date on `client` (a connection of its own: the lock is the

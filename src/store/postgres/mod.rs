@@ -17,7 +17,9 @@ use crate::seam::ConnectionEventKind;
 mod calls;
 mod connect;
 mod fleet;
+mod keys;
 mod migrations;
+mod vendor;
 
 pub use connect::SslMode;
 pub use fleet::BUS_APPLICATION_NAME;

@@ -15,6 +15,8 @@ use super::*;
 use crate::seam::ConnectionEventKind;
 
 mod fleet;
+mod keys;
+mod vendor;
 
 /// Most jobs committed together; bounds the latency a batch adds to its first job.
 const MAX_BATCH: usize = 512;
@@ -149,6 +151,39 @@ BEGIN
     UPDATE devices SET open_tunnels = open_tunnels - 1
     WHERE product_key = old.product_key AND name = old.device_name;
 END;
+"#,
+    // API keys get a public id, a name, an origin, a last-used time and revocation. Which admin
+    // keys came from IOTUNNEL_ADMIN_KEY was never recorded: all are taken as env-given, so the
+    // next start with a new IOTUNNEL_ADMIN_KEY retires them.
+    r#"
+ALTER TABLE api_keys ADD COLUMN id TEXT;
+ALTER TABLE api_keys ADD COLUMN name TEXT NOT NULL DEFAULT 'created with the account';
+ALTER TABLE api_keys ADD COLUMN origin TEXT NOT NULL DEFAULT 'account';
+ALTER TABLE api_keys ADD COLUMN last_used_at INTEGER;
+ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
+UPDATE api_keys SET id = 'key_' || lower(hex(randomblob(8)));
+UPDATE api_keys SET origin = 'env', name = 'IOTUNNEL_ADMIN_KEY'
+WHERE account_id IN (SELECT id FROM accounts WHERE is_admin = 1);
+CREATE UNIQUE INDEX api_keys_by_id ON api_keys(id);
+CREATE INDEX api_keys_by_account ON api_keys(account_id, created_at);
+"#,
+    // Vendor facades (issue 13): access keys (secrets sealed with the server's key), tunnel
+    // tags (AWS TagResource), and the per-device tunnel switch (Alibaba DisableDeviceTunnel).
+    r#"
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    sealed_secret BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX access_keys_by_account ON access_keys(account_id, created_at);
+CREATE TABLE tunnel_tags (
+    tunnel_id TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (tunnel_id, key)
+);
+ALTER TABLE devices ADD COLUMN tunnels_disabled INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -455,10 +490,10 @@ impl Store for SqliteStore {
         id: String,
         name: String,
         is_admin: bool,
-        key_hash: SecretHash,
-        now: Millis,
+        key: NewApiKey,
     ) -> StoreResult<Account> {
         self.call(move |c| {
+            let now = key.created_at;
             exec(
                 c,
                 "INSERT INTO accounts (id, name, is_admin, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -471,12 +506,20 @@ impl Store for SqliteStore {
                     backend(e)
                 }
             })?;
-            exec(
+            keys::insert(
                 c,
-                "INSERT INTO api_keys (key_hash, account_id, created_at) VALUES (?1, ?2, ?3)",
-                params![&key_hash[..], id, now],
+                &NewApiKey {
+                    account_id: id.clone(),
+                    ..key
+                },
             )
-            .map_err(backend)?;
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists
+                } else {
+                    backend(e)
+                }
+            })?;
             Ok(Account {
                 id,
                 name,
@@ -487,36 +530,117 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn add_api_key(
+    async fn add_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
+        self.call(move |c| keys::add(c, &key)).await
+    }
+
+    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<(Account, ApiKey)>> {
+        self.call(move |c| keys::account_by_key(c, &key_hash)).await
+    }
+
+    async fn list_api_keys(&self, account_id: Option<String>) -> StoreResult<Vec<ApiKey>> {
+        self.call(move |c| keys::list(c, account_id.as_deref()))
+            .await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        account_id: Option<String>,
+        key_id: String,
+        now: Millis,
+    ) -> StoreResult<ApiKey> {
+        self.call(move |c| keys::revoke(c, account_id.as_deref(), &key_id, now))
+            .await
+    }
+
+    async fn retire_api_keys(
         &self,
         account_id: String,
-        key_hash: SecretHash,
+        origin: KeyOrigin,
+        keep_id: String,
         now: Millis,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.call(move |c| keys::retire(c, &account_id, origin, &keep_id, now))
+            .await
+    }
+
+    async fn touch_api_key(&self, key_id: String, at: Millis) -> StoreResult<()> {
+        self.call(move |c| keys::touch(c, &key_id, at)).await
+    }
+
+    async fn create_access_key(&self, key: AccessKey) -> StoreResult<()> {
+        self.call(move |c| vendor::create_access_key(c, &key)).await
+    }
+
+    async fn list_access_keys(&self, account_id: String) -> StoreResult<Vec<AccessKey>> {
+        self.call(move |c| vendor::list_access_keys(c, &account_id))
+            .await
+    }
+
+    async fn delete_access_key(&self, account_id: String, key_id: String) -> StoreResult<()> {
+        self.call(move |c| vendor::delete_access_key(c, &account_id, &key_id))
+            .await
+    }
+
+    async fn access_key(&self, key_id: String) -> StoreResult<Option<(AccessKey, Account)>> {
+        self.call(move |c| vendor::access_key(c, &key_id)).await
+    }
+
+    async fn tunnel_tags(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+    ) -> StoreResult<Vec<(String, String)>> {
+        self.call(move |c| vendor::tunnel_tags(c, &account_id, &tunnel_id))
+            .await
+    }
+
+    async fn tag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        tags: Vec<(String, String)>,
+    ) -> StoreResult<()> {
+        self.call(move |c| vendor::tag_tunnel(c, &account_id, &tunnel_id, &tags))
+            .await
+    }
+
+    async fn untag_tunnel(
+        &self,
+        account_id: String,
+        tunnel_id: String,
+        keys: Vec<String>,
+    ) -> StoreResult<()> {
+        self.call(move |c| vendor::untag_tunnel(c, &account_id, &tunnel_id, &keys))
+            .await
+    }
+
+    async fn set_device_tunnels_disabled(
+        &self,
+        account_id: String,
+        product_key: String,
+        device_name: String,
+        disabled: bool,
     ) -> StoreResult<()> {
         self.call(move |c| {
-            exec(c,
-                "INSERT OR IGNORE INTO api_keys (key_hash, account_id, created_at) VALUES (?1, ?2, ?3)",
-                params![&key_hash[..], account_id, now],
+            vendor::set_device_tunnels_disabled(
+                c,
+                &account_id,
+                &product_key,
+                &device_name,
+                disabled,
             )
-            .map(drop)
-            .map_err(backend)
         })
         .await
     }
 
-    async fn account_by_key(&self, key_hash: SecretHash) -> StoreResult<Option<Account>> {
-        self.call(move |c| {
-            c.prepare_cached(
-                "SELECT a.id, a.name, a.is_admin, a.created_at FROM api_keys k \
-                 JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?1",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![&key_hash[..]], account_from_row)
-                    .optional()
-            })
-            .map_err(backend)
-        })
-        .await
+    async fn device_tunnels_disabled(
+        &self,
+        product_key: String,
+        device_name: String,
+    ) -> StoreResult<bool> {
+        self.call(move |c| vendor::device_tunnels_disabled(c, &product_key, &device_name))
+            .await
     }
 
     async fn create_product(&self, p: Product) -> StoreResult<Product> {
@@ -576,7 +700,7 @@ impl Store for SqliteStore {
             product_owned(c, &account_id, &product_key)?;
             let mut s = c
                 .prepare_cached(
-                    "SELECT product_key, name, secret, created_at FROM devices \
+                    "SELECT product_key, name, secret, created_at, open_tunnels FROM devices \
                      WHERE product_key = ?1 ORDER BY created_at, name",
                 )
                 .map_err(backend)?;
@@ -588,6 +712,7 @@ impl Store for SqliteStore {
                         name: r.get(1)?,
                         secret: r.get(2)?,
                         created_at: r.get(3)?,
+                        open_tunnels: r.get::<_, i64>(4)? as u32,
                     })
                 })
                 .map_err(backend)?;
@@ -603,7 +728,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<Device>> {
         self.call(move |c| {
             c.prepare_cached(
-                "SELECT d.product_key, p.account_id, d.name, d.secret, d.created_at FROM devices d \
+                "SELECT d.product_key, p.account_id, d.name, d.secret, d.created_at, d.open_tunnels \
+                 FROM devices d \
                  JOIN products p ON p.product_key = d.product_key \
                  WHERE d.product_key = ?1 AND d.name = ?2",
             )
@@ -615,6 +741,7 @@ impl Store for SqliteStore {
                         name: r.get(2)?,
                         secret: r.get(3)?,
                         created_at: r.get(4)?,
+                        open_tunnels: r.get::<_, i64>(5)? as u32,
                     })
                 })
                 .optional()

@@ -1,0 +1,34 @@
+//! `POST /`: the vendor control APIs, told apart by their own markers: `X-Amz-Target` for AWS
+//! IoT Secure Tunneling ([`super::aws`]), an `Action` parameter for Alibaba IoT.
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::{aliyun, aws, ControlPlane};
+
+/// Routes a `POST /` to the facade whose marker it carries.
+pub async fn dispatch(
+    State(cp): State<Arc<ControlPlane>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if headers.contains_key("x-amz-target") {
+        return aws::serve(cp, method, uri, headers, &body).await;
+    }
+    if aliyun::is_aliyun(&uri, &headers) {
+        return aliyun::serve(cp, method, uri, headers, &body).await;
+    }
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unknown_vendor_request",
+        "POST / serves the vendor APIs: an AWS request carries X-Amz-Target, an Alibaba one \
+         an Action parameter",
+    )
+    .into_response()
+}
