@@ -44,6 +44,20 @@ pub enum Command {
     /// Manage access key pairs, the credentials of the AWS and Alibaba SDKs.
     #[command(subcommand)]
     AccessKey(AccessKeyCmd),
+    /// Print a shell completion script to stdout (the package installs them).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (the package installs them).
+    #[command(hide = true)]
+    Man {
+        /// Write every command's page into this directory [default: print iotunnel(1)].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// `iotunnel access-key ...`
@@ -323,6 +337,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             rt.shutdown_background();
             result
         }
+        Command::Completions { shell } => {
+            crate::cli_docs::write_completions(shell, &mut std::io::stdout().lock())
+        }
+        Command::Man { dir: Some(dir) } => crate::cli_docs::write_man_pages(&dir),
+        Command::Man { dir: None } => {
+            crate::cli_docs::write_main_man_page(&mut std::io::stdout().lock())
+        }
         other => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -513,7 +534,11 @@ const TUNNEL_COLUMNS: &[(&str, &str)] = &[
 async fn api_command(cmd: Command) -> anyhow::Result<()> {
     use reqwest::Method;
     match cmd {
-        Command::Server(_) | Command::Client(_) | Command::Device(DeviceArgs { cmd: None, .. }) => {
+        Command::Server(_)
+        | Command::Client(_)
+        | Command::Device(DeviceArgs { cmd: None, .. })
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled by run")
         }
         Command::Account(AccountCmd::Create { name, api }) => {

@@ -34,6 +34,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cli_docs;
 pub mod clock;
 pub mod config;
 pub mod control;
