@@ -407,25 +407,51 @@ async fn session(
 
 /// A notification from the device channel (DESIGN.md, "Device channel").
 #[derive(Deserialize)]
-struct Notification {
-    operation: String,
-    tunnel_id: String,
+pub struct Notification {
+    /// `connect` or `close` (others are ignored).
+    pub operation: String,
+    /// The tunnel.
+    pub tunnel_id: String,
+    /// The device token (`connect`).
     #[serde(default)]
-    token: Option<String>,
+    pub token: Option<String>,
+    /// The relay's URL (`connect`).
     #[serde(default)]
-    url: Option<String>,
+    pub url: Option<String>,
+    /// The relay's host:port (`connect`).
     #[serde(default)]
-    endpoint: Option<String>,
+    pub endpoint: Option<String>,
+    /// The tunnel's services (`connect`).
     #[serde(default)]
-    services: Vec<String>,
+    pub services: Vec<String>,
+    /// Why the tunnel closed (`close`).
     #[serde(default)]
-    reason: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl Notification {
+    /// Parses one notification (a text message of the channel, or an MQTT payload).
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The relay a `connect` names: `endpoint` is the relay's host:port and `url`'s scheme says
+    /// whether it is wss or ws; without `endpoint`, `url` itself.
+    pub fn relay_endpoint(&self) -> anyhow::Result<Endpoint> {
+        let plain = self.url.as_deref().is_some_and(|u| u.starts_with("ws://"));
+        match (&self.endpoint, &self.url) {
+            (Some(host_port), _) if plain => Endpoint::parse(&format!("ws://{host_port}")),
+            (Some(host_port), _) => Endpoint::parse(host_port),
+            (None, Some(url)) => Endpoint::parse(url),
+            (None, None) => Err(anyhow::anyhow!("no relay endpoint")),
+        }
+    }
 }
 
 /// Acts on one notification (device channel or MQTT); a malformed one is logged (without its
 /// token) and skipped.
 pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
-    let note: Notification = match serde_json::from_str(text) {
+    let note = match Notification::parse(text) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "ignored a malformed notification");
@@ -440,17 +466,10 @@ pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
     );
     match note.operation.as_str() {
         "connect" => {
+            let endpoint = note.relay_endpoint();
             let Some(token) = note.token else {
                 tracing::warn!(tunnel_id = %note.tunnel_id, "connect notification without a token");
                 return;
-            };
-            // `endpoint` is the relay's host:port; `url`'s scheme says whether it is wss or ws.
-            let plain = note.url.as_deref().is_some_and(|u| u.starts_with("ws://"));
-            let endpoint = match (note.endpoint, note.url) {
-                (Some(host_port), _) if plain => Endpoint::parse(&format!("ws://{host_port}")),
-                (Some(host_port), _) => Endpoint::parse(&host_port),
-                (None, Some(url)) => Endpoint::parse(&url),
-                (None, None) => Err(anyhow::anyhow!("no relay endpoint")),
             };
             match endpoint {
                 Ok(endpoint) => tunnels.connect(Connect {

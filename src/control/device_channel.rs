@@ -103,6 +103,31 @@ impl DeviceChannels {
     }
 }
 
+/// Whether a device's timestamp `ts` is within [`TIMESTAMP_WINDOW_SECS`] of `now_s`, for any
+/// two values (both come from outside: the clock and a header).
+pub fn timestamp_fresh(now_s: i64, ts: i64) -> bool {
+    (now_s - ts).abs() <= TIMESTAMP_WINDOW_SECS
+}
+
+/// Whether `signature` (hex) is the HMAC-SHA256 of `{product_key}\n{device_name}\n{ts_text}`
+/// keyed by the device secret, compared in constant time.
+pub fn signature_matches(
+    secret: &str,
+    product_key: &str,
+    device_name: &str,
+    ts_text: &str,
+    signature: &str,
+) -> bool {
+    let expected = token::hmac_sha256(
+        secret.as_bytes(),
+        format!("{product_key}\n{device_name}\n{ts_text}").as_bytes(),
+    );
+    let presented = hex::decode(signature)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok());
+    presented.is_some_and(|p| token::hashes_equal(&p, &expected))
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     headers
         .get(name)
@@ -147,7 +172,7 @@ pub async fn connect(
         )
     })?;
     let now_s = cp.clock.now_ms() / 1000;
-    if (now_s - ts).abs() > TIMESTAMP_WINDOW_SECS {
+    if !timestamp_fresh(now_s, ts) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "stale_timestamp",
@@ -166,14 +191,13 @@ pub async fn connect(
         .get_device(product_key.clone(), device_name.clone())
         .await?
         .ok_or_else(bad_signature)?;
-    let expected = token::hmac_sha256(
-        device.secret.as_bytes(),
-        format!("{product_key}\n{device_name}\n{ts_text}").as_bytes(),
-    );
-    let presented = hex::decode(signature)
-        .ok()
-        .and_then(|v| <[u8; 32]>::try_from(v).ok());
-    if !presented.is_some_and(|p| token::hashes_equal(&p, &expected)) {
+    if !signature_matches(
+        &device.secret,
+        &product_key,
+        &device_name,
+        ts_text,
+        signature,
+    ) {
         tracing::info!(%product_key, %device_name, "device channel refused: bad signature");
         return Err(bad_signature());
     }
