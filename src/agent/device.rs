@@ -492,6 +492,29 @@ pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
 mod tests {
     use super::*;
 
+    /// fuzz/device_channel's crash: a connect whose URL has a mangled IPv6 host parsed to an
+    /// endpoint whose host:port did not parse back; now it is refused.
+    #[test]
+    fn connect_with_a_mangled_ipv6_host_is_refused() {
+        let crash = r#"{"operation": "connect", "tunnel_id": "t-1", "token": "tok", "url": "ws://_::1]:1]:80", "services": ["SSH"]}"#;
+        let note = Notification::parse(crash).unwrap();
+        assert!(note.relay_endpoint().is_err());
+        for bad in ["ws://[_::1]:80", "ws://::1:80", "[::1]]:80", "ws://a]:80"] {
+            let note = Notification::parse(&format!(
+                r#"{{"operation":"connect","tunnel_id":"t","url":"{bad}"}}"#
+            ))
+            .unwrap();
+            assert!(note.relay_endpoint().is_err(), "{bad}");
+        }
+        let note = Notification::parse(
+            r#"{"operation":"connect","tunnel_id":"t","url":"ws://x","endpoint":"[::1]:80"}"#,
+        )
+        .unwrap();
+        let e = note.relay_endpoint().unwrap();
+        assert_eq!((e.tls, e.host.as_str(), e.port), (false, "::1", 80));
+        assert_eq!(Endpoint::parse(&e.host_port()).unwrap().host, "::1");
+    }
+
     #[test]
     fn services_parse() {
         assert_eq!(
