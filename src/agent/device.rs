@@ -468,6 +468,18 @@ async fn session(
     Ok(Ended::Retry("connection lost".into()))
 }
 
+/// The relay a `connect` names: `endpoint` is the relay's host:port and `url`'s scheme says
+/// whether it is wss or ws; without `endpoint`, `url` itself.
+pub fn relay_endpoint(note: &crate::proto::device::Connect) -> anyhow::Result<Endpoint> {
+    let plain = note.url.as_deref().is_some_and(|u| u.starts_with("ws://"));
+    match (&note.endpoint, &note.url) {
+        (Some(host_port), _) if plain => Endpoint::parse(&format!("ws://{host_port}")),
+        (Some(host_port), _) => Endpoint::parse(host_port),
+        (None, Some(url)) => Endpoint::parse(url),
+        (None, None) => Err(anyhow::anyhow!("no relay endpoint")),
+    }
+}
+
 /// Acts on one notification (device channel or MQTT); a malformed one is logged (without its
 /// token) and skipped.
 pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
@@ -482,17 +494,10 @@ pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
         ServerMessage::Connect(note) => {
             tracing::info!(operation = "connect", tunnel_id = %note.tunnel_id,
                 services = ?note.services, "notification");
+            let endpoint = relay_endpoint(&note);
             let Some(token) = note.token else {
                 tracing::warn!(tunnel_id = %note.tunnel_id, "connect notification without a token");
                 return;
-            };
-            // `endpoint` is the relay's host:port; `url`'s scheme says whether it is wss or ws.
-            let plain = note.url.as_deref().is_some_and(|u| u.starts_with("ws://"));
-            let endpoint = match (note.endpoint, note.url) {
-                (Some(host_port), _) if plain => Endpoint::parse(&format!("ws://{host_port}")),
-                (Some(host_port), _) => Endpoint::parse(&host_port),
-                (None, Some(url)) => Endpoint::parse(&url),
-                (None, None) => Err(anyhow::anyhow!("no relay endpoint")),
             };
             match endpoint {
                 Ok(endpoint) => tunnels.connect(Connect {
@@ -519,6 +524,33 @@ pub(super) fn on_notification(text: &str, tunnels: &Tunnels) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn connect(text: &str) -> crate::proto::device::Connect {
+        match serde_json::from_str(text).unwrap() {
+            ServerMessage::Connect(c) => c,
+            _ => panic!("not a connect: {text}"),
+        }
+    }
+
+    /// fuzz/device_channel's crash: a connect whose URL has a mangled IPv6 host parsed to an
+    /// endpoint whose host:port did not parse back; now it is refused.
+    #[test]
+    fn connect_with_a_mangled_ipv6_host_is_refused() {
+        let crash = r#"{"operation": "connect", "tunnel_id": "t-1", "token": "tok", "url": "ws://_::1]:1]:80", "services": ["SSH"]}"#;
+        assert!(relay_endpoint(&connect(crash)).is_err());
+        for bad in ["ws://[_::1]:80", "ws://::1:80", "[::1]]:80", "ws://a]:80"] {
+            let note = connect(&format!(
+                r#"{{"operation":"connect","tunnel_id":"t","url":"{bad}"}}"#
+            ));
+            assert!(relay_endpoint(&note).is_err(), "{bad}");
+        }
+        let note = connect(
+            r#"{"operation":"connect","tunnel_id":"t","url":"ws://x","endpoint":"[::1]:80"}"#,
+        );
+        let e = relay_endpoint(&note).unwrap();
+        assert_eq!((e.tls, e.host.as_str(), e.port), (false, "::1", 80));
+        assert_eq!(Endpoint::parse(&e.host_port()).unwrap().host, "::1");
+    }
 
     #[test]
     fn services_parse() {

@@ -75,6 +75,10 @@ impl Endpoint {
                 let (host, port) = v6
                     .split_once("]:")
                     .with_context(|| format!("expected [host]:port in {text}"))?;
+                // Brackets hold an IPv6 address and nothing else (RFC 3986 3.2.2).
+                if host.parse::<std::net::Ipv6Addr>().is_err() {
+                    bail!("not an IPv6 address in brackets: {text}");
+                }
                 (host, port)
             }
             None => authority
@@ -83,6 +87,11 @@ impl Endpoint {
         };
         if host.is_empty() {
             bail!("no host in {text}");
+        }
+        // A colon or bracket left in a host is a mangled IPv6 address (found by fuzzing:
+        // `ws://_::1]:1]:80` gave the host `_::1]:1]`).
+        if host.contains(['[', ']']) || (!authority.starts_with('[') && host.contains(':')) {
+            bail!("bad host in {text}; an IPv6 address goes in brackets");
         }
         let port = port
             .parse()

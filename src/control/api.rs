@@ -473,7 +473,8 @@ async fn close_tunnel(
     Ok(Json((&t).into()))
 }
 
-fn check_batch(req: &BatchRequest) -> ApiResult<()> {
+/// Checks a batch request: 1 to [`MAX_BATCH`] ids.
+pub fn check_batch(req: &BatchRequest) -> ApiResult<()> {
     if req.tunnel_ids.is_empty() || req.tunnel_ids.len() > MAX_BATCH {
         return Err(ApiError::invalid(format!(
             "tunnel_ids must list 1 to {MAX_BATCH} ids"

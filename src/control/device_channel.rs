@@ -128,6 +128,32 @@ impl DeviceChannels {
     }
 }
 
+/// Whether a device's timestamp `ts` is within [`TIMESTAMP_WINDOW_SECS`] of `now_s`, for any
+/// two values (both come from outside: the clock and a header).
+pub fn timestamp_fresh(now_s: i64, ts: i64) -> bool {
+    // `(now_s - ts).abs()` overflows for hostile values (found by fuzz/device_channel).
+    now_s.abs_diff(ts) <= TIMESTAMP_WINDOW_SECS.unsigned_abs()
+}
+
+/// Whether `signature` (hex) is the HMAC-SHA256 of `{product_key}\n{device_name}\n{ts_text}`
+/// keyed by the device secret, compared in constant time.
+pub fn signature_matches(
+    secret: &str,
+    product_key: &str,
+    device_name: &str,
+    ts_text: &str,
+    signature: &str,
+) -> bool {
+    let expected = token::hmac_sha256(
+        secret.as_bytes(),
+        format!("{product_key}\n{device_name}\n{ts_text}").as_bytes(),
+    );
+    let presented = hex::decode(signature)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok());
+    presented.is_some_and(|p| token::hashes_equal(&p, &expected))
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     headers
         .get(name)
@@ -172,7 +198,7 @@ pub async fn connect(
         )
     })?;
     let now_s = cp.clock.now_ms() / 1000;
-    if (now_s - ts).abs() > TIMESTAMP_WINDOW_SECS {
+    if !timestamp_fresh(now_s, ts) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "stale_timestamp",
@@ -191,14 +217,13 @@ pub async fn connect(
         .get_device(product_key.clone(), device_name.clone())
         .await?
         .ok_or_else(bad_signature)?;
-    let expected = token::hmac_sha256(
-        device.secret.as_bytes(),
-        format!("{product_key}\n{device_name}\n{ts_text}").as_bytes(),
-    );
-    let presented = hex::decode(signature)
-        .ok()
-        .and_then(|v| <[u8; 32]>::try_from(v).ok());
-    if !presented.is_some_and(|p| token::hashes_equal(&p, &expected)) {
+    if !signature_matches(
+        &device.secret,
+        &product_key,
+        &device_name,
+        ts_text,
+        signature,
+    ) {
         tracing::info!(%product_key, %device_name, "device channel refused: bad signature");
         return Err(bad_signature());
     }
@@ -373,4 +398,66 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) -> Resul
             reason: reason.into(),
         })))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The input fuzz/device_channel crashed on (`now - i64::MIN` overflowed), and the edges.
+    #[test]
+    fn hostile_timestamps_are_stale_not_a_panic() {
+        // fuzz/device_channel's crash: server clock 1800000000, header `-9223372036854775808`.
+        let now = 1_800_000_000;
+        assert!(!timestamp_fresh(
+            now,
+            "-9223372036854775808".parse().unwrap()
+        ));
+        for (now_s, ts) in [(i64::MAX, i64::MIN), (i64::MIN, i64::MAX), (0, i64::MIN)] {
+            assert!(!timestamp_fresh(now_s, ts), "{now_s} {ts}");
+        }
+        assert!(timestamp_fresh(now, now + TIMESTAMP_WINDOW_SECS));
+        assert!(timestamp_fresh(now, now - TIMESTAMP_WINDOW_SECS));
+        assert!(!timestamp_fresh(now, now + TIMESTAMP_WINDOW_SECS + 1));
+        assert!(timestamp_fresh(i64::MIN, i64::MIN) && timestamp_fresh(i64::MAX, i64::MAX));
+    }
+
+    proptest! {
+        /// Over the whole i64 range: fresh exactly when the true difference is within the window.
+        #[test]
+        fn timestamp_window_over_all_i64(now_s in any::<i64>(), ts in any::<i64>()) {
+            let within = (i128::from(now_s) - i128::from(ts)).abs() <= i128::from(TIMESTAMP_WINDOW_SECS);
+            prop_assert_eq!(timestamp_fresh(now_s, ts), within);
+        }
+    }
+
+    #[test]
+    fn signature_is_the_hmac_of_the_headers() {
+        let sig = hex::encode(token::hmac_sha256(b"s", b"pk\ndev\n1800000000"));
+        assert!(signature_matches("s", "pk", "dev", "1800000000", &sig));
+        assert!(signature_matches(
+            "s",
+            "pk",
+            "dev",
+            "1800000000",
+            &sig.to_uppercase()
+        ));
+        assert!(!signature_matches("s", "pk", "dev", "1800000001", &sig));
+        assert!(!signature_matches("t", "pk", "dev", "1800000000", &sig));
+        assert!(!signature_matches(
+            "s",
+            "pk",
+            "dev",
+            "1800000000",
+            &sig[..62]
+        ));
+        assert!(!signature_matches(
+            "s",
+            "pk",
+            "dev",
+            "1800000000",
+            "not hex"
+        ));
+    }
 }

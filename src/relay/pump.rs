@@ -314,7 +314,17 @@ impl Shard {
                         Err(e) => return Stop::violation(e.close_code(), e.label()),
                     },
                     OpCode::Pong => self.on_pong(slot, peer, &frame[hdr.header_len..]),
-                    OpCode::Close => return Stop::quiet("closed_by_peer"),
+                    OpCode::Close => {
+                        return match ws::parse_close_payload(&frame[hdr.header_len..]) {
+                            // RFC 6455 5.5.1: the answer echoes the code received.
+                            Ok(Some(c)) => Stop {
+                                label: "closed_by_peer",
+                                close: Some((c.code, String::new())),
+                            },
+                            Ok(None) => Stop::quiet("closed_by_peer"),
+                            Err(e) => Stop::violation(e.close_code(), e.label()),
+                        };
+                    }
                     _ => {
                         let message_op = match fragments.on_frame(&hdr) {
                             Ok(op) => op,

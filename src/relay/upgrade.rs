@@ -346,8 +346,37 @@ pub async fn refuse<T>(conn: &mut Conn, refusal: Refusal) -> Result<T, Option<Re
     Err(Some(refusal))
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
+/// The length of the request head at the start of `buf` (through its blank line), if complete.
+pub fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Parses a request head without the tunnel index: the family and side it asks for, whether it
+/// is a WebSocket upgrade with a valid key, and its tokens (the pure part of [`accept`], fuzzed).
+pub fn parse_head(head: &[u8]) -> Result<ParsedHead, Refusal> {
+    let req = parse_request(head)?;
+    Ok(ParsedHead {
+        family: req.family,
+        side: req.side,
+        is_upgrade: req.is_upgrade && req.ws_key.as_deref().is_some_and(ws::is_valid_client_key),
+        tokens: req.tokens,
+        subprotocol_offered: req.aws_version.is_some() || req.aliyun_via.is_some(),
+    })
+}
+
+/// What [`parse_head`] found in a request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedHead {
+    /// The protocol family its path names.
+    pub family: Family,
+    /// The side its path names.
+    pub side: Side,
+    /// A WebSocket version 13 upgrade with a valid `Sec-WebSocket-Key`.
+    pub is_upgrade: bool,
+    /// Every token it carries (exactly one is accepted).
+    pub tokens: Vec<String>,
+    /// It offers a subprotocol of its family.
+    pub subprotocol_offered: bool,
 }
 
 fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
