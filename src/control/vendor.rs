@@ -32,3 +32,22 @@ pub async fn dispatch(
     )
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{aliyun, aws};
+    use crate::metrics::API_ROUTES;
+
+    /// Every label the facades put on a response is a route the exporter knows from start-up
+    /// (an unknown one would be counted as `unmatched`).
+    #[test]
+    fn every_vendor_route_label_is_exported() {
+        let labels = (aws::OPERATIONS.iter())
+            .chain(aliyun::ACTIONS)
+            .map(|(_, label)| *label)
+            .chain([aws::UNKNOWN_LABEL, aliyun::UNKNOWN_LABEL]);
+        for label in labels {
+            assert!(API_ROUTES.contains(&label), "{label} is not in API_ROUTES");
+        }
+    }
+}

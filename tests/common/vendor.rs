@@ -86,19 +86,7 @@ impl Aws {
             cmd.env("AWS_SESSION_TOKEN", token);
         }
         let out = cmd.output().await.expect("run the boto3 script");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "boto3 script failed: {}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let results: Vec<Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON line per call"))
-            .collect();
-        assert_eq!(results.len(), ops.len(), "{stdout}");
-        results
+        json_lines(&out, "boto3 script", ops.len())
     }
 
     /// Runs one operation; its response, failing the test on an error.
@@ -175,19 +163,7 @@ impl Aliyun {
             .output()
             .await
             .expect("run the Alibaba SDK script");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "Alibaba SDK script failed: {}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let results: Vec<Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON line per call"))
-            .collect();
-        assert_eq!(results.len(), ops.len(), "{stdout}");
-        results
+        json_lines(&out, "Alibaba SDK script", ops.len())
     }
 
     /// Runs one action that must succeed (`Success: true`); its `Data` (Null when none).
@@ -217,4 +193,22 @@ impl Aliyun {
         assert!(r.get("error").is_some(), "{action} should have raised: {r}");
         r["error"].clone()
     }
+}
+
+/// The results of a script run by `calls`: one JSON line per call, `calls` of them; fails the
+/// test, with the script's output, when it failed or printed otherwise.
+fn json_lines(out: &std::process::Output, what: &str, calls: usize) -> Vec<Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON line per call"))
+        .collect();
+    assert_eq!(results.len(), calls, "{stdout}");
+    results
 }
