@@ -54,21 +54,6 @@ async fn live_nodes(t: &TestServer) -> usize {
         .count()
 }
 
-/// Polls `cond` every 10 ms for up to 10 s.
-async fn wait_for<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1000 {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not met within 10 s");
-}
-
 fn node_of(t: &TestServer) -> String {
     t.server().control.fleet.node_id.clone()
 }

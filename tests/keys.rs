@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::pg::TestDatabase;
 use common::*;
@@ -350,21 +349,6 @@ async fn a_restart_with_a_new_admin_key_retires_the_previous_one() {
     assert_eq!(products_status(&t, THIRD).await, StatusCode::OK);
     assert_eq!(products_status(&t, NEW).await, StatusCode::OK);
     assert_eq!(products_status(&t, &ops_key).await, StatusCode::OK);
-}
-
-/// Polls `cond` every 10 ms for up to 10 s.
-async fn wait_for<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1000 {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not met within 10 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -365,3 +365,18 @@ impl DeviceChannel {
         let _ = self.ws.flush().await;
     }
 }
+
+/// Polls `cond` every 10 ms for up to 10 s.
+pub async fn wait_for<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not met within 10 s");
+}
